@@ -1,0 +1,28 @@
+"""moe-zoo: Mixture-of-Experts systems from recent papers as native Hugging Face transformers models.
+
+``import moe_zoo`` registers every moe_zoo architecture with transformers' Auto classes.
+"""
+
+from .core import MoeOptions, SparseMoeBlock, update_selection_biases
+from .modeling.upcycled_moe import (
+    UpcycledMoeConfig,
+    UpcycledMoeForCausalLM,
+    max_logit_difference,
+    upcycle,
+)
+from .registration import register_auto_classes
+
+__version__ = "0.1.0"
+
+register_auto_classes()
+
+__all__ = [
+    "MoeOptions",
+    "SparseMoeBlock",
+    "UpcycledMoeConfig",
+    "UpcycledMoeForCausalLM",
+    "__version__",
+    "max_logit_difference",
+    "update_selection_biases",
+    "upcycle",
+]

@@ -1,0 +1,143 @@
+"""The sparse MoE block: router -> (capacity) -> experts, plus shared and zero-computation experts.
+
+Router output slots are laid out as ``[FFN experts | copy | constant | zero | null]``. Only the FFN slots reach the
+expert bank; copy experts return ``x``, constant experts ``a1 x + a2 v`` (MoE++), and zero / null experts return 0
+(MoE++'s zero expert and UniMoE-Audio's null expert differ only in how losses treat them). Shared experts are
+always on and added to the routed output, optionally scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capacity import drop_over_capacity, expert_capacity
+from .experts import ConstantExperts, GatedExperts, GatedMLP, PlainExperts, PlainMLP
+from .recording import report_routing
+from .routing import build_router, routes_variable_experts
+
+
+class SparseMoeBlock(nn.Module):
+    """A drop-in replacement for a decoder layer's FFN: ``forward(hidden_states (..., H)) -> (..., H)``.
+
+    Args:
+        config: a config carrying the MoE options of :mod:`moe_zoo.core.options`; it is also handed to the expert
+            bank, whose ``config._experts_implementation`` picks eager / batched_mm / grouped_mm.
+        hidden_size, intermediate_size, hidden_act: the FFN's sizes and activation.
+        gated: SwiGLU experts (``gate_up_proj``) if True, plain biased experts (``up_proj`` + biases) if False.
+        experts_class: the decorated expert bank class to use; defaults to the core's ``GatedExperts`` /
+            ``PlainExperts``. Modeling files pass their own decorated subclass (see :mod:`moe_zoo.core.experts`).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        gated: bool = True,
+        experts_class: type[nn.Module] | None = None,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.num_copy = config.num_copy_experts
+        self.num_constant = config.num_constant_experts
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.min_capacity = config.min_capacity
+        self.renormalize = config.norm_topk_prob and config.router_type != "top_any"
+        self.gate = build_router(config, hidden_size)
+        experts_class = experts_class or (GatedExperts if gated else PlainExperts)
+        self.experts = experts_class(config, config.num_experts, hidden_size, intermediate_size, hidden_act)
+        self.constant_experts = ConstantExperts(self.num_constant, hidden_size) if self.num_constant else None
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.num_shared_experts:
+            size = (config.shared_expert_intermediate_size or intermediate_size) * config.num_shared_experts
+            self.shared_expert = (GatedMLP if gated else PlainMLP)(hidden_size, size, hidden_act)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        # Whether routing can leave empty (sentinel) slots that must be removed before the expert bank runs.
+        self.may_leave_slots_empty = (
+            routes_variable_experts(config)
+            or config.capacity_factor is not None
+            or config.eval_capacity_factor is not None
+            or self.gate.num_experts > self.num_experts
+        )
+
+    def current_capacity_factor(self) -> float | None:
+        if self.training:
+            return self.capacity_factor
+        return self.eval_capacity_factor if self.eval_capacity_factor is not None else self.capacity_factor
+
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router plus capacity: ``(logits (T, S), weights (T, K), indices (T, K))`` over all ``S`` slots."""
+        logits, weights, indices = self.gate(hidden_states)
+        factor = self.current_capacity_factor()
+        if factor is not None:
+            slots = logits.shape[-1]
+            capacity = expert_capacity(indices.shape[0], slots, indices.shape[1], factor, self.min_capacity)
+            indices, weights = drop_over_capacity(indices, weights, slots, capacity, self.renormalize)
+        return logits, weights, indices
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        logits, weights, indices = self.route(x)
+        report_routing(logits, indices, self.gate)
+        weights = weights.to(x.dtype)
+        output = self._run_ffn_experts(x, indices, weights)
+        if self.num_copy or self.num_constant:
+            output = output + self._zero_computation_experts(x, indices, weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            output = output + shared
+        return output.reshape(shape)
+
+    def _run_ffn_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if not self.may_leave_slots_empty:
+            return self.experts(x, indices, weights)
+        # Variable experts per token: hand the expert bank only the real (token, expert) pairs, one per row,
+        # so every experts implementation sees a dense (P, 1) routing and no compute goes to empty slots.
+        routed = indices < self.num_experts
+        token_ids, slot_ids = routed.nonzero(as_tuple=True)
+        pair_out = self.experts(x[token_ids], indices[token_ids, slot_ids, None], weights[token_ids, slot_ids, None])
+        return torch.zeros_like(x).index_add(0, token_ids, pair_out)
+
+    def _zero_computation_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        first_copy = self.num_experts
+        first_constant = first_copy + self.num_copy
+        slot_weights = torch.zeros(x.shape[0], first_constant + self.num_constant + 1, dtype=x.dtype, device=x.device)
+        in_range = indices < slot_weights.shape[1] - 1
+        slot_weights.scatter_add_(1, torch.where(in_range, indices, slot_weights.shape[1] - 1), weights)
+        output = slot_weights[:, first_copy:first_constant].sum(dim=-1, keepdim=True) * x
+        if self.constant_experts is not None:
+            output = output + self.constant_experts(x, slot_weights[:, first_constant:-1])
+        return output
+
+    @torch.no_grad()
+    def init_router_and_extras(self, std: float) -> None:
+        """Fresh router (normal(0, std)) and zero-computation experts; the expert bank is left alone."""
+        if hasattr(self.gate, "weight"):
+            self.gate.weight.normal_(0.0, std)
+        if self.constant_experts is not None:
+            self.constant_experts.mix.normal_(0.0, std)
+            self.constant_experts.vectors.normal_(0.0, std)
+        if self.shared_expert_gate is not None:
+            self.shared_expert_gate.weight.normal_(0.0, std)
+
+
+def init_expert_bank(experts: nn.Module, std: float) -> None:
+    """Random init of a fresh expert bank (normal(0, std) weights, zero biases), as transformers inits MoE experts."""
+    with torch.no_grad():
+        for name, param in experts.named_parameters(recurse=False):
+            if name.endswith("_bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std)

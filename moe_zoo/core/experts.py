@@ -1,0 +1,151 @@
+"""Expert banks stored as 3D tensors in transformers' layout, and the small always-on / zero-computation experts.
+
+``GatedExperts`` (SwiGLU-style): ``gate_up_proj (E, 2I, H)`` holding ``[gate; up]`` and ``down_proj (E, H, I)``;
+expert ``e`` computes ``down_e(act(gate_e x) * up_e x)``, exactly like ``MixtralExperts`` / ``Qwen3MoeExperts``.
+``PlainExperts`` (GELU MLP with biases, Phi's ``fc1``/``fc2``): ``up_proj (E, I, H)`` + ``up_proj_bias (E, I)`` and
+``down_proj (E, H, I)`` + ``down_proj_bias (E, H)``.
+
+The ``*Base`` classes carry the weights and the eager forward. transformers only lets a model switch its experts
+implementation (``eager`` / ``batched_mm`` / ``grouped_mm`` / anything registered in ``ExpertsInterface``) when the
+text ``@use_experts_implementation`` appears in the file that defines the model class, so every modeling file
+declares one-line decorated subclasses of these bases (with :data:`GATED_LAYOUT` / :data:`PLAIN_LAYOUT`). The
+decorated ``GatedExperts`` / ``PlainExperts`` below are for using the core on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations.moe import use_experts_implementation
+
+GATED_LAYOUT: dict[str, bool] = {}
+"""Keyword arguments of ``use_experts_implementation`` for :class:`GatedExpertsBase` (the defaults)."""
+PLAIN_LAYOUT: dict[str, bool] = {"has_gate": False, "has_bias": True}
+"""Keyword arguments of ``use_experts_implementation`` for :class:`PlainExpertsBase`."""
+
+
+class _ExpertBank(nn.Module):
+    """What both layouts share: sizes, activation and the eager forward.
+
+    The eager forward sorts the token-expert pairs by expert once and runs each expert on its contiguous slice, so
+    it loops over experts (a handful), never over tokens. Sentinel indices (``>= num_experts``) are skipped.
+    """
+
+    def __init__(self, config: Any, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.act_fn = ACT2FN[hidden_act]
+
+    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        flat_index = top_k_index.reshape(-1)
+        order = torch.argsort(flat_index, stable=True)
+        counts = torch.bincount(flat_index, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        routed = order[: sum(counts)]
+        token_ids = routed // top_k
+        expert_inputs = hidden_states[token_ids]
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                outputs.append(self.expert_forward(expert, expert_inputs[start : start + count]))
+            start += count
+        final = torch.zeros_like(hidden_states)
+        if not outputs:
+            return final
+        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[routed, None].to(hidden_states.dtype)
+        return final.index_add(0, token_ids, weighted.to(final.dtype))
+
+
+class GatedExpertsBase(_ExpertBank):
+    """Gated (SwiGLU) experts: ``down(act(gate(x)) * up(x))`` per expert, no biases."""
+
+    def __init__(self, config: Any, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__(config, num_experts, hidden_size, intermediate_size, hidden_act)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = nn.functional.linear(hidden_states, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+
+
+class PlainExpertsBase(_ExpertBank):
+    """Plain two-layer experts with biases: ``down(act(up(x) + b1)) + b2`` per expert (Phi, GPT-style MLPs)."""
+
+    def __init__(self, config: Any, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__(config, num_experts, hidden_size, intermediate_size, hidden_act)
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj_bias = nn.Parameter(torch.zeros(num_experts, intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.act_fn(nn.functional.linear(hidden_states, self.up_proj[expert], self.up_proj_bias[expert]))
+        return nn.functional.linear(hidden, self.down_proj[expert], self.down_proj_bias[expert])
+
+
+@use_experts_implementation(**GATED_LAYOUT)
+class GatedExperts(GatedExpertsBase):
+    pass
+
+
+@use_experts_implementation(**PLAIN_LAYOUT)
+class PlainExperts(PlainExpertsBase):
+    pass
+
+
+class GatedMLP(nn.Module):
+    """A single gated FFN (``gate_proj``/``up_proj``/``down_proj``), used as an always-on shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class PlainMLP(nn.Module):
+    """A single plain FFN with biases (``fc1``/``fc2``), used as an always-on shared expert for Phi-style models."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act_fn(self.fc1(hidden_states)))
+
+
+class ConstantExperts(nn.Module):
+    """MoE++'s constant experts: expert ``c`` returns ``a1 * x + a2 * v_c`` with ``(a1, a2) = softmax(W_c x)``.
+
+    ``mix`` holds the ``W_c`` as one ``(C, 2, H)`` tensor and ``vectors`` the ``v_c`` as ``(C, H)``, so all ``C``
+    constant experts run in one batched matmul.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int):
+        super().__init__()
+        self.mix = nn.Parameter(torch.zeros(num_experts, 2, hidden_size))
+        self.vectors = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``hidden_states (T, H)``, ``weights (T, C)`` routing weight of each constant expert -> ``(T, H)``."""
+        alphas = torch.softmax(torch.einsum("th,cah->tca", hidden_states, self.mix), dim=-1)  # (T, C, 2)
+        per_expert = alphas[..., :1] * hidden_states[:, None, :] + alphas[..., 1:] * self.vectors  # (T, C, H)
+        return torch.einsum("tc,tch->th", weights.to(per_expert.dtype), per_expert)

@@ -1,0 +1,51 @@
+"""Collecting each MoE layer's routing during one forward pass.
+
+transformers captures ``router_logits`` with ``OutputRecorder`` hooks that are installed per ``PreTrainedModel``
+class and scoped by ``capture_outputs``. Upcycled models keep the backbone's own base model (a ``LlamaModel``, a
+``PhiModel``, ...) inside, and its ``capture_outputs`` opens a fresh collector of its own and installs only its own
+recorders, so hooks on our routers would never be seen. Instead, every :class:`~moe_zoo.core.block.SparseMoeBlock`
+reports its routing to the collector opened by :func:`collect_routing` around the backbone call, whatever sits in
+between. Outside such a context, reporting costs one context-variable read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer's routing for one forward pass. ``logits (T, E)``; ``indices (T, K)`` after capacity, with
+    sentinel ``E`` for empty slots; ``router`` is the module that produced them (losses such as DynMoE's read its
+    parameters)."""
+
+    logits: torch.Tensor
+    indices: torch.Tensor
+    router: nn.Module
+
+
+_active: ContextVar[list[LayerRouting] | None] = ContextVar("moe_zoo_routing", default=None)
+
+
+@contextmanager
+def collect_routing(enabled: bool = True) -> Iterator[list[LayerRouting]]:
+    """Collect the routing of every MoE block run inside the ``with`` body, in execution order."""
+    records: list[LayerRouting] = []
+    token = _active.set(records if enabled else None)
+    try:
+        yield records
+    finally:
+        _active.reset(token)
+
+
+def report_routing(logits: torch.Tensor, indices: torch.Tensor, router: nn.Module) -> None:
+    """Called by MoE blocks after routing; a no-op unless :func:`collect_routing` is active."""
+    records = _active.get()
+    if records is not None:
+        records.append(LayerRouting(logits, indices, router))

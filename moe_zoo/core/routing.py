@@ -1,0 +1,277 @@
+"""Routers: token states -> (router logits, combine weights, expert indices).
+
+Every router follows transformers' router contract (``Qwen3MoeTopKRouter``): ``forward(x)`` takes ``(T, H)`` token
+states and returns ``(router_logits (T, E), weights (T, K), indices (T, K))``. Routers that pick a variable number
+of experts per token (top-p, top-any, dense-to-sparse) pad their rows with the sentinel index ``E`` and weight 0;
+:class:`~moe_zoo.core.block.SparseMoeBlock` drops those slots before the experts run, so no work is spent on them.
+
+Routers always compute in fp32 (the weight may be stored in bf16): routing decisions are discrete, and a bf16
+softmax flips near-ties, which is the accuracy loss DeepSpeed and MixLoRA avoid the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .options import num_routed_slots
+
+RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Router(nn.Module):
+    """Shared parts of the linear routers: the ``(E, H)`` weight, fp32 logits, jitter and the selection bias.
+
+    The selection bias is DeepSeek's auxiliary-loss-free balancing: a per-expert offset added to the scores **only
+    to choose** experts, never to the combine weights. It is a persistent buffer (it changes the model's function,
+    so checkpoints keep it); ``router_bias_update_rate`` > 0 turns on its update rule, see :meth:`update_bias`.
+    """
+
+    def __init__(self, config: Any, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_experts = num_routed_slots(config)
+        self.top_k = config.num_experts_per_tok
+        self.jitter_noise = config.router_jitter_noise
+        self.bias_update_rate = config.router_bias_update_rate
+        if config.router_type == "bias_balanced" and self.bias_update_rate == 0.0:
+            self.bias_update_rate = 1e-3
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, hidden_size))
+        self.register_buffer("selection_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # Expert loads since the last bias update; only the update rule reads it, so it is not saved.
+        self.register_buffer("pending_load", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+
+    @property
+    def uses_selection_bias(self) -> bool:
+        return self.bias_update_rate > 0.0
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, self.hidden_size).float()
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        return F.linear(x, self.weight.float())
+
+    def record_load(self, indices: torch.Tensor) -> None:
+        """Accumulate how many tokens each expert received (training only, for the bias update)."""
+        if self.training and self.uses_selection_bias:
+            with torch.no_grad():
+                flat = indices.reshape(-1)
+                flat = flat[flat < self.num_experts]
+                self.pending_load += torch.bincount(flat, minlength=self.num_experts).float()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply ``b_e += u * sign(mean_load - load_e)`` once, from the loads gathered since the last call.
+
+        Call it once per optimizer step (``moe_zoo.core.update_selection_biases(model)`` does it for a whole
+        model); overloaded experts become less likely to be chosen, starved ones more likely.
+        """
+        if not self.uses_selection_bias:
+            return
+        load = self.pending_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.pending_load.zero_()
+
+
+class TopKRouter(Router):
+    """Fixed top-k routing with softmax or sigmoid scores.
+
+    ``router_type``:
+      - ``softmax_topk``: softmax over all experts, top-k, optionally renormalised (Mixtral, Qwen-MoE, MixLoRA).
+        With ``router_second_expert_gumbel`` the second expert is the argmax of logits + Gumbel noise with the
+        first masked out, as DeepSpeed's ``top2gating`` does in training *and* eval (off by default).
+      - ``topk_softmax``: top-k over the logits, softmax over the k selected (Uni-MoE v1).
+      - ``sigmoid_topk`` / ``bias_balanced``: sigmoid scores, top-k of scores + selection bias, weights gathered
+        from the unbiased scores, optionally renormalised, times ``routed_scaling_factor`` (DeepSeek-V3).
+    """
+
+    def __init__(self, config: Any, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.router_type = config.router_type
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.second_expert_gumbel = config.router_second_expert_gumbel
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
+        logits = self.logits(hidden_states)
+        if self.router_type == "topk_softmax":
+            indices = torch.topk(logits + self.selection_bias, self.top_k, dim=-1).indices
+            weights = torch.softmax(logits.gather(-1, indices), dim=-1)
+        else:
+            scores = torch.sigmoid(logits) if self.router_type in ("sigmoid_topk", "bias_balanced") else None
+            if scores is None:
+                scores = torch.softmax(logits, dim=-1)
+            indices = self._select(logits, scores)
+            weights = scores.gather(-1, indices)
+            if self.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights * self.routed_scaling_factor
+        self.record_load(indices)
+        return logits, weights, indices
+
+    def _select(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        choice = scores + self.selection_bias
+        if not self.second_expert_gumbel:
+            return torch.topk(choice, self.top_k, dim=-1).indices
+        first = choice.argmax(dim=-1, keepdim=True)
+        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20))
+        second_choice = (logits + gumbel).scatter(-1, first, float("-inf"))
+        return torch.cat([first, second_choice.argmax(dim=-1, keepdim=True)], dim=-1)
+
+
+def pad_to_sentinel(active: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a ``(T, E)`` activity mask and weights into ``(T, K)`` indices/weights, ``K`` = most active experts.
+
+    Inactive slots get the sentinel index ``E`` and weight 0. ``K`` is at least 1 so shapes stay valid when no
+    token picked anything.
+    """
+    num_experts = active.shape[-1]
+    width = max(int(active.sum(dim=-1).max().item()) if active.numel() else 0, 1)
+    expert_ids = torch.arange(num_experts, device=active.device).expand_as(active)
+    # Active experts first (stable on the key "inactive"), then cut to the widest row.
+    order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[:, :width]
+    picked = active.gather(-1, order)
+    indices = torch.where(picked, expert_ids.gather(-1, order), num_experts)
+    return indices, torch.where(picked, weights.gather(-1, order), 0.0)
+
+
+class TopPRouter(Router):
+    """Dynamic top-p routing ("Harder Tasks Need More Experts"): each token takes the smallest set of experts,
+    by descending probability, whose probabilities sum to at least ``top_p_threshold`` (the expert that crosses the
+    threshold is included). The combine weights are the raw, **not renormalised** probabilities."""
+
+    def __init__(self, config: Any, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.threshold = config.top_p_threshold
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
+        logits = self.logits(hidden_states)
+        probs = torch.softmax(logits, dim=-1)
+        sorted_probs, order = torch.sort(probs + self.selection_bias, dim=-1, descending=True)
+        sorted_probs = probs.gather(-1, order)
+        # An expert is kept while the mass *before* it is still below p.
+        keep_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) < self.threshold
+        active = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        indices, weights = pad_to_sentinel(active, probs)
+        self.record_load(indices)
+        return logits, weights, indices
+
+
+class _StraightThroughStep(torch.autograd.Function):
+    """``sign(x)`` for ``x >= 0`` in the forward pass, identity in the backward pass (DynMoE's gate)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class TopAnyRouter(nn.Module):
+    """DynMoE's top-any gate: a token activates **every** expert whose score exceeds that expert's threshold.
+
+    ``score_e = sigmoid(cos(x, w_e))`` with ``w_e`` a column of the orthogonally initialised ``sim_matrix``;
+    ``threshold_e = sigmoid(gates_e)`` with trainable ``gates`` (0 at init, so 0.5). The on/off decision goes
+    through a straight-through step, so the scores and thresholds get gradients. Active experts are combined with
+    uniform weights ``1 / K_token``. In training a token that activates nothing gets no expert (only the residual
+    carries it); at eval it falls back to its argmax expert. ``experts_mask`` (a persistent buffer) switches expert
+    slots on and off for DynMoE's adaptive add/remove process; slots beyond ``top_any_init_experts`` start off.
+    The returned logits are the cosine scores of the active slots (``-inf`` for switched-off slots).
+    """
+
+    def __init__(self, config: Any, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_experts = num_routed_slots(config)
+        initial = config.top_any_init_experts or self.num_experts
+        self.sim_matrix = nn.Parameter(nn.init.orthogonal_(torch.empty(hidden_size, self.num_experts)))
+        self.gates = nn.Parameter(torch.zeros(self.num_experts))
+        mask = torch.zeros(self.num_experts)
+        mask[:initial] = 1.0
+        self.register_buffer("experts_mask", mask)
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
+        x = hidden_states.reshape(-1, self.hidden_size).float()
+        cosine = F.normalize(x, dim=-1) @ F.normalize(self.sim_matrix.float(), dim=0)
+        scores = torch.sigmoid(cosine) * self.experts_mask
+        gate = _StraightThroughStep.apply(scores - torch.sigmoid(self.gates.float()))
+        active = gate.detach() > 0
+        if not self.training:
+            fallback = ~active.any(dim=-1, keepdim=True)
+            argmax = torch.zeros_like(active).scatter(-1, scores.argmax(dim=-1, keepdim=True), True)
+            active = active | (fallback & argmax)
+            gate = torch.where(active, torch.ones_like(gate), gate)
+        weights = gate * active / active.sum(dim=-1, keepdim=True).clamp_min(1)
+        indices, weights = pad_to_sentinel(active, weights)
+        logits = cosine.masked_fill(self.experts_mask == 0, float("-inf"))
+        return logits, weights, indices
+
+
+class DenseToSparseRouter(Router):
+    """EvoMoE's dense-to-sparse gate: Gumbel-softmax over the logits at temperature ``tau``; the experts whose gate
+    value exceeds ``gumbel_selection_threshold`` are selected and combined with those gate values. ``tau`` anneals
+    from ``gumbel_tau_max`` to ``gumbel_tau_min`` as ``tau_max * (tau_min / tau_max) ** (step / decay_steps)``, so
+    routing starts nearly dense and becomes sparse. ``step`` counts training forward passes (a persistent buffer,
+    so a resumed run keeps its temperature). At eval no noise is drawn; the softmax at the current ``tau`` is used.
+    """
+
+    def __init__(self, config: Any, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.tau_max = config.gumbel_tau_max
+        self.tau_min = config.gumbel_tau_min
+        self.decay_steps = config.gumbel_tau_decay_steps
+        self.threshold = config.gumbel_selection_threshold
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def temperature(self) -> float:
+        progress = float(self.step.item()) / self.decay_steps
+        return max(self.tau_max * math.exp(math.log(self.tau_min / self.tau_max) * progress), self.tau_min)
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
+        logits = self.logits(hidden_states)
+        tau = self.temperature
+        if self.training:
+            gates = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+            self.step += 1
+        else:
+            gates = torch.softmax(logits / tau, dim=-1)
+        active = gates > self.threshold
+        indices, weights = pad_to_sentinel(active, gates)
+        self.record_load(indices)
+        return logits, weights, indices
+
+
+ROUTER_CLASSES: dict[str, type[nn.Module]] = {
+    "softmax_topk": TopKRouter,
+    "topk_softmax": TopKRouter,
+    "sigmoid_topk": TopKRouter,
+    "bias_balanced": TopKRouter,
+    "top_p": TopPRouter,
+    "top_any": TopAnyRouter,
+    "dense_to_sparse": DenseToSparseRouter,
+}
+
+
+def build_router(config: Any, hidden_size: int) -> nn.Module:
+    """The router named by ``config.router_type``."""
+    try:
+        router_cls = ROUTER_CLASSES[config.router_type]
+    except KeyError:
+        raise ValueError(
+            f"`router_type` is {config.router_type!r}, but it must be one of {tuple(ROUTER_CLASSES)}."
+        ) from None
+    return router_cls(config, hidden_size)
+
+
+def routes_variable_experts(config: Any) -> bool:
+    """Whether the router can leave sentinel slots (a variable number of experts per token)."""
+    return config.router_type in ("top_p", "top_any", "dense_to_sparse")

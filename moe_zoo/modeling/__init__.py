@@ -1,0 +1,1 @@
+"""Model definitions, one folder per model (transformers' layout)."""

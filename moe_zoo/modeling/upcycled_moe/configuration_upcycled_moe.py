@@ -1,0 +1,70 @@
+# Copyright 2026 The moe-zoo authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of an upcycled MoE language model: a dense backbone's own config plus the MoE options."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from ...core.options import MoeOptions, resolve_moe_layers, validate_moe_options
+
+
+class UpcycledMoeConfig(PreTrainedConfig, MoeOptions):
+    r"""Config of [`UpcycledMoeForCausalLM`]: any dense HF decoder (``text_config``) whose FFNs in ``moe_layers``
+    became MoE blocks.
+
+    ``text_config`` is the backbone's own config, kept whole (a ``LlamaConfig``, ``PhiConfig``, ...), so the
+    backbone's attention, norms and embeddings are built by the backbone's own classes. Every MoE option of
+    [`~moe_zoo.core.MoeOptions`] is a field of this config and is validated on construction.
+
+    Example:
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from moe_zoo import UpcycledMoeConfig
+    >>> config = UpcycledMoeConfig(text_config=LlamaConfig(num_hidden_layers=4), num_experts=8, moe_layers="sparse")
+    >>> config.moe_layer_indices
+    [0, 2]
+    ```
+    """
+
+    model_type = "upcycled_moe"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The backbone decides tying; the top-level flag is what transformers' tying logic reads.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        validate_moe_options(self, self.text_config.num_hidden_layers)
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """The decoder layers that hold an MoE block."""
+        return resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
+
+    @property
+    def hidden_act(self) -> str:
+        text = self.text_config
+        return getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", None) or "silu"
+
+    # transformers, PEFT and TRL read these from the top-level config.
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def initializer_range(self) -> float:
+        return getattr(self.text_config, "initializer_range", 0.02)
+
+
+__all__ = ["UpcycledMoeConfig"]

@@ -1,0 +1,167 @@
+# Copyright 2026 The moe-zoo authors. Licensed under the Apache License, Version 2.0.
+"""An upcycled MoE language model: a dense HF decoder whose FFNs in chosen layers are sparse MoE blocks.
+
+The model keeps the backbone's own base model (``LlamaModel``, ``PhiModel``, ...) under ``model`` and its head under
+``lm_head``, so every parameter outside the MoE blocks has the backbone's own name, attention goes through the
+backbone's attention interface (sdpa, flash-attention), and generation, caches and RoPE variants behave exactly as
+in the dense model. Only ``model.<layers>.{i}.mlp`` changes: it becomes a
+:class:`~moe_zoo.core.SparseMoeBlock` (``gate`` router, ``experts`` bank in transformers' 3D layout).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.integrations.moe import use_experts_implementation
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
+
+from ...core.block import SparseMoeBlock, init_expert_bank
+from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, ConstantExperts, GatedExpertsBase, PlainExpertsBase
+from ...core.losses import router_aux_loss
+from ...core.recording import collect_routing
+from ...core.routing import Router, TopAnyRouter
+from ...core.upcycle import ffn_layout, find_decoder_layers
+from .configuration_upcycled_moe import UpcycledMoeConfig
+
+
+@use_experts_implementation(**GATED_LAYOUT)
+class UpcycledMoeGatedExperts(GatedExpertsBase):
+    pass
+
+
+@use_experts_implementation(**PLAIN_LAYOUT)
+class UpcycledMoePlainExperts(PlainExpertsBase):
+    pass
+
+
+class UpcycledMoePreTrainedModel(PreTrainedModel):
+    config_class = UpcycledMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (GatedExpertsBase, PlainExpertsBase)):
+            init_expert_bank(module, std)
+        elif isinstance(module, SparseMoeBlock):
+            module.init_router_and_extras(std)
+        elif isinstance(module, (Router, TopAnyRouter, ConstantExperts)):
+            pass  # initialised by their block (routers' buffers keep their construction values)
+        else:
+            super()._init_weights(module)
+
+
+class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
+    """A dense decoder upcycled into an MoE. Build one with :func:`moe_zoo.upcycle`, or from a config.
+
+    ``forward`` returns a ``MoeCausalLMOutputWithPast``; with labels and ``output_router_logits`` (argument or
+    config field) the router loss of :func:`moe_zoo.core.router_aux_loss` is added to the LM loss and returned
+    as ``aux_loss``.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        dense = AutoModelForCausalLM.from_config(config.text_config)
+        self.model = getattr(dense, dense.base_model_prefix)
+        self.lm_head = dense.get_output_embeddings()
+        self._tied_weights_keys = dict(dense._tied_weights_keys or {})
+        self._pp_plan = dict(getattr(dense, "_pp_plan", None) or {})
+        self.logit_softcapping = getattr(config.text_config, "final_logit_softcapping", None)
+        layers = find_decoder_layers(self.model, config.text_config.num_hidden_layers)
+        for index in config.moe_layer_indices:
+            layout = ffn_layout(layers[index].mlp, where=f"decoder layer {index}")
+            layers[index].mlp = SparseMoeBlock(
+                config,
+                layout.hidden_size,
+                layout.intermediate_size,
+                config.hidden_act,
+                gated=layout.gated,
+                experts_class=UpcycledMoeGatedExperts if layout.gated else UpcycledMoePlainExperts,
+            )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The MoE blocks, in layer order."""
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if "past_key_values" in kwargs:  # the pre-5.24 name, still used by some callers
+            cache = kwargs.pop("past_key_values")
+        with collect_routing(enabled=output_router_logits) as routing:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+        if self.logit_softcapping:
+            logits = (logits / self.logit_softcapping).tanh() * self.logit_softcapping
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits:
+            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = router_aux_loss(routing, self.config, token_mask)
+            if loss is not None and aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=tuple(r.logits for r in routing) if output_router_logits else None,
+        )
+
+
+__all__ = [
+    "UpcycledMoeForCausalLM",
+    "UpcycledMoeGatedExperts",
+    "UpcycledMoePlainExperts",
+    "UpcycledMoePreTrainedModel",
+]
