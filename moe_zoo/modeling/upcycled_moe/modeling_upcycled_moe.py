@@ -25,6 +25,21 @@ from ...core.upcycle import ffn_layout, find_decoder_layers
 from .configuration_upcycled_moe import UpcycledMoeConfig
 
 
+def _build_dense_backbone(text_config) -> PreTrainedModel:
+    """The backbone's own causal LM, built from its config.
+
+    transformers propagates ``experts_implementation`` into sub-configs, and a dense backbone class refuses any
+    value but eager; the choice is ours (our experts read the top-level config), so hide it while the backbone is
+    built.
+    """
+    requested = text_config._experts_implementation_internal
+    text_config._experts_implementation_internal = None
+    try:
+        return AutoModelForCausalLM.from_config(text_config)
+    finally:
+        text_config._experts_implementation_internal = requested
+
+
 @use_experts_implementation(**GATED_LAYOUT)
 class UpcycledMoeGatedExperts(GatedExpertsBase):
     pass
@@ -67,7 +82,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)
-        dense = AutoModelForCausalLM.from_config(config.text_config)
+        dense = _build_dense_backbone(config.text_config)
         self.model = getattr(dense, dense.base_model_prefix)
         self.lm_head = dense.get_output_embeddings()
         self._tied_weights_keys = dict(dense._tied_weights_keys or {})
