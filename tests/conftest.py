@@ -1,0 +1,37 @@
+"""Shared test helpers. Other helpers and fixtures may be appended below; keep each section self-contained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The project's shared folder (reference notes, fixtures made by the original code).
+
+    It sits beside the repository (``<repo>/../shared``); the ``MOE_ZOO_SHARED`` environment variable overrides it.
+    """
+    override = os.environ.get("MOE_ZOO_SHARED")
+    return Path(override).resolve() if override else (REPO_ROOT.parent / "shared").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_path() -> Path:
+    """:func:`shared_dir`, skipping the test with a clear reason when the folder is missing."""
+    path = shared_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared folder not found at {path} (set MOE_ZOO_SHARED to point at it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def moe_llava_fixtures(shared_path: Path) -> Path:
+    """The folder of MoE-LLaVA fixtures produced by the original code (one sub-folder per variant)."""
+    path = shared_path / "fixtures" / "moe_llava_original"
+    if not path.is_dir():
+        pytest.skip(f"MoE-LLaVA fixtures not found at {path}")
+    return path
