@@ -151,3 +151,16 @@ def test_moe_blocks_replace_only_the_chosen_ffns():
     moe = moe_zoo.upcycle(_dense("phi"), moe_layers="second_half")
     kinds = [isinstance(layer.mlp, SparseMoeBlock) for layer in moe.model.layers]
     assert kinds == [False, False, True, True]
+
+
+def test_bf16_load_keeps_routers_in_fp32(tmp_path):
+    moe_zoo.upcycle(_dense("llama"), num_experts=4, router_type="bias_balanced").save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    block = reloaded.moe_blocks()[0]
+    assert block.gate.weight.dtype == torch.float32
+    assert block.gate.selection_bias.dtype == torch.float32
+    assert block.experts.gate_up_proj.dtype == torch.bfloat16
+    assert reloaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = reloaded(input_ids=_ids()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

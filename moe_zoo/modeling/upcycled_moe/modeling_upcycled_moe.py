@@ -59,6 +59,14 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # Routing decisions are discrete: keep routers (and the balancing bias) in fp32 when loading in fp16/bf16.
+    _keep_in_fp32_modules_strict = [
+        "mlp.gate.weight",
+        "mlp.gate.sim_matrix",
+        "mlp.gate.gates",
+        "selection_bias",
+        "experts_mask",
+    ]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
