@@ -120,7 +120,7 @@ class TopKRouter(Router):
         if not self.second_expert_gumbel:
             return torch.topk(choice, self.top_k, dim=-1).indices
         first = choice.argmax(dim=-1, keepdim=True)
-        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20))
+        gumbel = -torch.log((-torch.log(torch.rand_like(logits).clamp_min(1e-20))).clamp_min(1e-20))
         second_choice = (logits + gumbel).scatter(-1, first, float("-inf"))
         return torch.cat([first, second_choice.argmax(dim=-1, keepdim=True)], dim=-1)
 
