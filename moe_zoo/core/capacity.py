@@ -16,8 +16,13 @@ import torch
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
-    """DeepSpeed's capacity: ``max(ceil(T / E * capacity_factor * k), min_capacity)``."""
-    return max(math.ceil(num_tokens / num_experts * capacity_factor * top_k), min_capacity)
+    """DeepSpeed's capacity: ``max(ceil(T / E * capacity_factor * k), min_capacity)``.
+
+    The product is rounded to fp32 as DeepSpeed computes it (``T / E`` times the fp32 tensor
+    ``capacity_factor * k``), so factors that are not exact in binary (1.1, 1.2, ...) give DeepSpeed's capacity.
+    """
+    scaled = (num_tokens / num_experts) * torch.tensor(capacity_factor * top_k, dtype=torch.float32)
+    return max(math.ceil(scaled.item()), min_capacity)
 
 
 def buffer_positions(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
