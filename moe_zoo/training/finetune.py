@@ -1,0 +1,123 @@
+"""Upcycle a dense causal LM and fine-tune the MoE with the Trainer (``training_scripts/finetune_upcycled.py``).
+
+The recipe: load the dense model, :func:`moe_zoo.upcycle` it (fixed seed, so a resumed run rebuilds the same
+architecture before the Trainer restores the checkpoint's weights), tokenize a local text / chat file, and train with
+the router loss added to the LM loss. A run stopped half-way continues where it stopped: pass
+``--resume_from_checkpoint true`` (the last checkpoint in ``output_dir``) or a checkpoint path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..modeling.upcycled_moe import UpcycledMoeForCausalLM, upcycle
+from .callbacks import SelectionBiasCallback
+
+
+@dataclass
+class UpcycleFinetuneArguments:
+    """What to upcycle and what to train it on (the Trainer's own options come from ``TrainingArguments``)."""
+
+    data_file: str = field(
+        metadata={
+            "help": "A .jsonl file with a 'messages' (chat) or 'text' field per line, or a .txt file (one example per line)."
+        }
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "Local dense causal LM folder; default: the shipped SmolLM2-135M-Instruct."}
+    )
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_layers: str = field(
+        default="sparse", metadata={"help": "all, sparse, first_half, second_half, or comma-separated layer indices."}
+    )
+    router_type: str = "softmax_topk"
+    router_aux_loss_coef: float = 0.01
+    upcycle_seed: int = 0
+    max_length: int = 256
+
+
+def parse_moe_layers(value: str) -> str | list[int]:
+    """``"0,2,5"`` -> ``[0, 2, 5]``; mode names pass through."""
+    return [int(part) for part in value.split(",")] if value[:1].isdigit() else value
+
+
+def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """Tokenize a local file: chat ``messages`` through the tokenizer's chat template, plain ``text`` as is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data_file {path} does not exist (expected a .jsonl or .txt file).")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        rows = [{"text": line} for line in path.read_text().splitlines() if line.strip()]
+    texts = []
+    for number, row in enumerate(rows, start=1):
+        if "messages" in row:
+            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        elif "text" in row:
+            texts.append(row["text"])
+        else:
+            raise ValueError(f"{path}, example {number}: expected a 'messages' or 'text' field, got {sorted(row)}.")
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+
+
+def build_model(args: UpcycleFinetuneArguments) -> tuple[UpcycledMoeForCausalLM, PreTrainedTokenizerBase]:
+    """The upcycled model (router loss on) and the dense model's tokenizer (with a pad token)."""
+    model_path = args.model_path
+    if model_path is None:
+        from ..assets import smollm2_path
+
+        model_path = str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dense = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    torch.manual_seed(args.upcycle_seed)
+    model = upcycle(
+        dense,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.num_experts_per_tok,
+        moe_layers=parse_moe_layers(args.moe_layers),
+        router_type=args.router_type,
+        router_aux_loss_coef=args.router_aux_loss_coef,
+        output_router_logits=True,
+    )
+    return model, tokenizer
+
+
+def run(args: UpcycleFinetuneArguments, training_args: TrainingArguments) -> Trainer:
+    """Upcycle, train (resuming when asked), save the final model and tokenizer into ``output_dir``."""
+    model, tokenizer = build_model(args)
+    dataset = load_examples(args.data_file, tokenizer, args.max_length)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[SelectionBiasCallback()],
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume in ("true", "True", True):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(f"resume_from_checkpoint=true, but {training_args.output_dir} holds no checkpoint.")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    return trainer
