@@ -164,3 +164,19 @@ def test_bf16_load_keeps_routers_in_fp32(tmp_path):
     with torch.no_grad():
         logits = reloaded(input_ids=_ids()).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = _ids()
+    grads = []
+    for checkpointing in (False, True):
+        moe = moe_zoo.upcycle(_dense("llama"), num_experts=4, num_experts_per_tok=2)
+        moe.train()
+        if checkpointing:
+            moe.gradient_checkpointing_enable()
+        out = moe(input_ids=ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("mlp.gate.weight" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
