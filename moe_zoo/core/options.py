@@ -185,6 +185,12 @@ def validate_moe_options(config: Any, num_layers: int | None = None) -> None:
             True,
             "False unless router_type='softmax_topk' and num_experts_per_tok=2 (DeepSpeed's top-2 gate)",
         )
+    if config.router_second_expert_gumbel and config.router_bias_update_rate > 0:
+        _fail(
+            "router_second_expert_gumbel",
+            True,
+            "False when router_bias_update_rate > 0 (DeepSpeed's noisy second choice has no selection bias)",
+        )
     if config.router_bias_update_rate < 0:
         _fail("router_bias_update_rate", config.router_bias_update_rate, ">= 0")
     if config.router_jitter_noise < 0 or config.router_jitter_noise >= 1:

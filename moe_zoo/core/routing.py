@@ -21,6 +21,7 @@ from torch import nn
 from .options import num_routed_slots
 
 RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+FP32_BUFFERS = ("selection_bias", "pending_load")
 
 
 class Router(nn.Module):
@@ -54,6 +55,15 @@ class Router(nn.Module):
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return F.linear(x, self.weight.float())
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` would round the balancing bias and loads, whose updates of ~1e-3 then vanish;
+        # they follow the module's device but stay fp32 (as DeepSeek-V3 keeps e_score_correction_bias).
+        kept = {name: self._buffers[name] for name in FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            self._buffers[name] = value.to(device=self._buffers[name].device)
+        return self
 
     def record_load(self, indices: torch.Tensor) -> None:
         """Accumulate how many tokens each expert received (training only, for the bias update)."""

@@ -595,3 +595,33 @@ def test_update_selection_biases_updates_every_router_in_a_model():
     for name, router in routers.items():
         torch.testing.assert_close(router.selection_bias, expected[name], atol=1e-7, rtol=0)
         assert (router.selection_bias != 0).any() == (name != "off")
+
+
+def test_half_precision_cast_keeps_balancing_state_fp32():
+    from transformers import PreTrainedConfig
+
+    from moe_zoo.core import MoeOptions, build_router
+
+    class Config(PreTrainedConfig, MoeOptions):
+        model_type = "moe_zoo_test_router_cast"
+
+    router = build_router(Config(router_type="bias_balanced"), 8)
+    router.selection_bias.fill_(0.5 + 1e-3)
+    router.to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.selection_bias.dtype == torch.float32
+    assert router.selection_bias[0] == torch.tensor(0.5 + 1e-3, dtype=torch.float32)
+    assert router.pending_load.dtype == torch.float32
+
+
+def test_gumbel_second_expert_refuses_a_selection_bias():
+    from transformers import LlamaConfig
+
+    from moe_zoo import UpcycledMoeConfig
+
+    with pytest.raises(ValueError, match="router_second_expert_gumbel"):
+        UpcycledMoeConfig(
+            text_config=LlamaConfig(num_hidden_layers=2),
+            router_second_expert_gumbel=True,
+            router_bias_update_rate=1e-3,
+        )
