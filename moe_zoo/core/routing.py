@@ -62,7 +62,8 @@ class Router(nn.Module):
         kept = {name: self._buffers[name] for name in FP32_BUFFERS}
         super()._apply(fn, recurse)
         for name, value in kept.items():
-            self._buffers[name] = value.to(device=self._buffers[name].device)
+            if self._buffers[name].dtype != torch.float32:  # a dtype cast, not a move or materialisation
+                self._buffers[name] = value.to(device=self._buffers[name].device)
         return self
 
     def record_load(self, indices: torch.Tensor) -> None:

@@ -625,3 +625,17 @@ def test_gumbel_second_expert_refuses_a_selection_bias():
             router_second_expert_gumbel=True,
             router_bias_update_rate=1e-3,
         )
+
+
+def test_router_materialises_from_meta():
+    from transformers import PreTrainedConfig
+
+    from moe_zoo.core import MoeOptions, build_router
+
+    class Config(PreTrainedConfig, MoeOptions):
+        model_type = "moe_zoo_test_router_meta"
+
+    with torch.device("meta"):
+        router = build_router(Config(router_type="bias_balanced"), 8)
+    router.to_empty(device="cpu")
+    assert router.selection_bias.device.type == "cpu" and router.selection_bias.dtype == torch.float32
