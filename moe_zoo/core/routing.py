@@ -5,7 +5,7 @@ states and returns ``(router_logits (T, E), weights (T, K), indices (T, K))``. R
 of experts per token (top-p, top-any, dense-to-sparse) pad their rows with the sentinel index ``E`` and weight 0;
 :class:`~moe_zoo.core.block.SparseMoeBlock` drops those slots before the experts run, so no work is spent on them.
 
-Routers always compute in fp32 (the weight may be stored in bf16): routing decisions are discrete, and a bf16
+Routers always compute in at least fp32 (the weight may be stored in bf16): routing decisions are discrete, and a bf16
 softmax flips near-ties, which is the accuracy loss DeepSpeed and MixLoRA avoid the same way.
 """
 
@@ -22,6 +22,11 @@ from .options import num_routed_slots
 
 RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 FP32_BUFFERS = ("selection_bias", "pending_load")
+
+
+def routing_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs, the input's own dtype when it is wider (a float64 model routes in float64)."""
+    return torch.promote_types(hidden_states.dtype, torch.float32)
 
 
 class Router(nn.Module):
@@ -51,10 +56,10 @@ class Router(nn.Module):
         return self.bias_update_rate > 0.0
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, self.hidden_size).float()
+        x = hidden_states.reshape(-1, self.hidden_size).to(routing_dtype(hidden_states))
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return F.linear(x, self.weight.float())
+        return F.linear(x, self.weight.to(x.dtype))
 
     def _apply(self, fn, recurse=True):
         # ``model.to(torch.bfloat16)`` would round the balancing bias and loads, whose updates of ~1e-3 then vanish;
@@ -210,10 +215,10 @@ class TopAnyRouter(nn.Module):
         self.register_buffer("experts_mask", mask)
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
-        x = hidden_states.reshape(-1, self.hidden_size).float()
-        cosine = F.normalize(x, dim=-1) @ F.normalize(self.sim_matrix.float(), dim=0)
+        x = hidden_states.reshape(-1, self.hidden_size).to(routing_dtype(hidden_states))
+        cosine = F.normalize(x, dim=-1) @ F.normalize(self.sim_matrix.to(x.dtype), dim=0)
         scores = torch.sigmoid(cosine) * self.experts_mask
-        gate = _StraightThroughStep.apply(scores - torch.sigmoid(self.gates.float()))
+        gate = _StraightThroughStep.apply(scores - torch.sigmoid(self.gates.to(x.dtype)))
         active = gate.detach() > 0
         if not self.training:
             fallback = ~active.any(dim=-1, keepdim=True)

@@ -104,4 +104,4 @@ def max_logit_difference(dense: PreTrainedModel, moe: PreTrainedModel, input_ids
     finally:
         dense.train(modes[0])
         moe.train(modes[1])
-    return (reference.float() - upcycled.float()).abs().max().item()
+    return (reference.double() - upcycled.double()).abs().max().item()
