@@ -81,4 +81,36 @@ def atomic_directory(target: str | os.PathLike, keep_existing: Callable[[Path], 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["atomic_directory", "remove_stale_temp_dirs", "temp_prefix"]
+WEIGHT_FILE_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+"""The weight files ``save_pretrained`` writes; stale ones from an earlier save with other sharding are removed."""
+
+
+def save_files_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Run ``write(folder)`` into a temporary folder next to ``target``, then move each file into ``target``.
+
+    Unlike :func:`atomic_directory` this keeps whatever else ``target`` holds (checkpoints, a tokenizer saved
+    earlier), so it suits ``save_pretrained`` into a Trainer's output folder. Every file appears whole or not at
+    all; weight files go first and ``config.json`` last, so a folder whose config is new has its new weights, and
+    weight shards of an earlier save that the new one does not have are deleted.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target)))
+    try:
+        write(tmp)
+        written = sorted(tmp.iterdir(), key=lambda path: path.name == "config.json")
+        new_names = {path.name for path in written}
+        for path in written:
+            destination = target / path.name
+            if path.is_dir():
+                shutil.rmtree(destination, ignore_errors=True)
+            os.replace(path, destination)
+        for pattern in WEIGHT_FILE_PATTERNS:
+            for stale in target.glob(pattern):
+                if stale.name not in new_names:
+                    stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["atomic_directory", "remove_stale_temp_dirs", "save_files_atomically", "temp_prefix"]

@@ -13,15 +13,8 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .assets import MissingAssetError, smollm2_path
+from .core.options import parse_moe_layers
 from .demo import DEFAULT_OUTPUT_DIR, DEFAULT_PROMPT, DemoCheckError, run_demo
-
-
-def parse_moe_layers(text: str) -> str | list[int]:
-    """``--moe-layers`` value: a mode name (``sparse``, ``all``, ...) or comma-separated layer indices (``0,2,4``)."""
-    text = text.strip()
-    if not text.replace(",", "").replace(" ", "").isdigit():
-        return text
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +68,52 @@ def _run_assets(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_assets)
+def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "upcycle",
+        help="upcycle a local dense causal LM folder into an MoE folder",
+        description="Load a local dense causal LM (and its tokenizer, if any), upcycle it with moe_zoo.upcycle "
+        "(function-preserving with the default router) and save the MoE, loadable with AutoModelForCausalLM after "
+        "`import moe_zoo`.",
+    )
+    parser.add_argument("model_dir", help="local folder of the dense model")
+    parser.add_argument("output_dir", help="where to save the MoE (written atomically)")
+    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts used per token (default: %(default)s)")
+    parser.add_argument("--moe-layers", type=parse_moe_layers, default="all", help="default: %(default)s")
+    parser.add_argument("--router-type", default="softmax_topk", help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for the routers (default: %(default)s)")
+    parser.set_defaults(handler=_run_upcycle)
+
+
+def _run_upcycle(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .atomic_io import atomic_directory
+    from .modeling.upcycled_moe import upcycle
+
+    dense = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    torch.manual_seed(args.seed)
+    moe = upcycle(
+        dense,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.top_k,
+        moe_layers=args.moe_layers,
+        router_type=args.router_type,
+    )
+    with atomic_directory(args.output_dir) as folder:
+        moe.save_pretrained(folder)
+        try:
+            AutoTokenizer.from_pretrained(args.model_dir).save_pretrained(folder)
+        except (OSError, ValueError):
+            pass  # a model folder without a tokenizer is fine
+    layers = moe.config.moe_layer_indices
+    print(f"Saved {type(moe).__name__} ({len(layers)} MoE layers, {args.num_experts} experts) to {args.output_dir}")
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_upcycle, _add_assets)
 """Functions that each add one subcommand to the parser."""
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from moe_zoo.cli import build_parser, parse_moe_layers
+from moe_zoo.cli import build_parser
+from moe_zoo.core.options import parse_moe_layers
 
 
 def test_demo_defaults():

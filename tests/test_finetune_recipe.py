@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Train
 
 import moe_zoo
 from moe_zoo.assets import smollm2_path
-from moe_zoo.training.finetune import UpcycleFinetuneArguments, load_examples, parse_moe_layers, run
+from moe_zoo.core.options import parse_moe_layers
+from moe_zoo.training.finetune import UpcycleFinetuneArguments, load_examples, run
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,14 @@ def resolve_moe_layers(moe_layers: str | Sequence[int], num_layers: int) -> list
     return layers
 
 
+def parse_moe_layers(text: str) -> str | list[int]:
+    """A ``moe_layers`` value from the command line: a mode name, or comma-separated indices (``"0,2,4"``)."""
+    text = text.strip()
+    if not text.replace(",", "").replace(" ", "").isdigit():
+        return text
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 def num_routed_slots(config: Any) -> int:
     """How many outputs the router has: FFN experts plus null, zero, copy and constant experts."""
     return (

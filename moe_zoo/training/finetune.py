@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..core.options import parse_moe_layers
 from ..modeling.upcycled_moe import UpcycledMoeForCausalLM, upcycle
 from .callbacks import SelectionBiasCallback
 
@@ -49,11 +50,6 @@ class UpcycleFinetuneArguments:
     router_aux_loss_coef: float = 0.01
     upcycle_seed: int = 0
     max_length: int = 256
-
-
-def parse_moe_layers(value: str) -> str | list[int]:
-    """``"0,2,5"`` -> ``[0, 2, 5]``; mode names pass through."""
-    return [int(part) for part in value.split(",")] if value[:1].isdigit() else value
 
 
 def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:

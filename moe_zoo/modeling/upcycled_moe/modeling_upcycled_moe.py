@@ -16,6 +16,7 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
+from ...atomic_io import save_files_atomically
 from ...core.block import SparseMoeBlock, init_expert_bank
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, ConstantExperts, GatedExpertsBase, PlainExpertsBase
 from ...core.losses import router_aux_loss
@@ -67,6 +68,17 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
         "selection_bias",
         "experts_mask",
     ]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated
+        weight file or a config that describes weights that are not there (see
+        :func:`moe_zoo.atomic_io.save_files_atomically`). Other files in ``save_directory`` are kept."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        save_files_atomically(
+            save_directory,
+            lambda folder: super(UpcycledMoePreTrainedModel, self).save_pretrained(folder, *args, **kwargs),
+        )
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
