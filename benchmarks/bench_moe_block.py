@@ -75,9 +75,8 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         config = BenchConfig(num_experts=experts, num_experts_per_tok=top_k)
         config._experts_implementation = implementation
         block = SparseMoeBlock(config, hidden, intermediate, "silu")
-        for p in block.experts.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-        block.init_router_and_extras(0.02)
+        block.experts.reset_parameters(0.02)
+        block.reset_routing(0.02)
         variants[f"moe_zoo[{implementation}]"] = block
     for implementation in ("eager", "grouped_mm"):
         mixtral_config = MixtralConfig(

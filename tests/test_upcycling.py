@@ -180,3 +180,50 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and any("mlp.gate.weight" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_routing_state_survives_reload_and_fresh_state_is_initialised(tmp_path):
+    moe = moe_zoo.upcycle(_dense("llama"), num_experts=4, router_type="bias_balanced")
+    gate = moe.moe_blocks()[0].gate
+    assert torch.equal(gate.selection_bias, torch.zeros(4)) and torch.equal(gate.pending_load, torch.zeros(4))
+    gate.selection_bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    moe.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).moe_blocks()[0].gate
+    assert torch.equal(reloaded.selection_bias, gate.selection_bias)
+    assert torch.equal(reloaded.weight, gate.weight)
+    assert torch.equal(reloaded.pending_load, torch.zeros(4))  # not saved, so freshly zeroed
+
+
+@pytest.mark.parametrize("router_type", ["top_any", "dense_to_sparse", "top_p"])
+def test_upcycling_with_dynamic_routers_gives_fresh_routers(router_type):
+    moe = moe_zoo.upcycle(_dense("qwen3"), num_experts=4, router_type=router_type, top_any_init_experts=2)
+    gate = moe.moe_blocks()[0].gate
+    if router_type == "top_any":
+        torch.testing.assert_close(gate.sim_matrix.t() @ gate.sim_matrix, torch.eye(4), atol=1e-5, rtol=0)
+        assert torch.equal(gate.gates, torch.zeros(4)) and gate.experts_mask.tolist() == [1.0, 1.0, 0.0, 0.0]
+    elif router_type == "dense_to_sparse":
+        assert gate.step.item() == 0 and gate.temperature == moe.config.gumbel_tau_max
+    with torch.no_grad():
+        logits = moe.eval()(input_ids=_ids()).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_upcycled_shared_expert_is_a_copy_of_the_ffn():
+    dense = _dense("llama")
+    moe = moe_zoo.upcycle(dense, num_experts=4, num_shared_experts=1)
+    x = torch.randn(5, COMMON["hidden_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(moe.moe_blocks()[1](x), 2 * dense.model.layers[1].mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_model_built_from_config_has_initialised_experts_and_routers():
+    config = moe_zoo.UpcycledMoeConfig(text_config=BACKBONES["llama"](), num_experts=4, router_type="bias_balanced")
+    torch.manual_seed(0)
+    model = moe_zoo.UpcycledMoeForCausalLM(config)
+    block = model.moe_blocks()[0]
+    std = config.initializer_range
+    for tensor in (block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight):
+        assert abs(tensor.std().item() - std) < 0.25 * std  # normal(0, initializer_range), not leftover memory
+    assert torch.equal(block.gate.selection_bias, torch.zeros(4)) and torch.equal(
+        block.gate.pending_load, torch.zeros(4)
+    )

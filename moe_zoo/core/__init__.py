@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from .block import SparseMoeBlock, init_expert_bank
+from .block import SparseMoeBlock
 from .capacity import buffer_positions, drop_over_capacity, expert_capacity
 from .experts import (
     GATED_LAYOUT,
@@ -81,7 +81,6 @@ __all__ = [
     "ffn_layout",
     "find_decoder_layers",
     "gshard_load_balancing_loss",
-    "init_expert_bank",
     "report_routing",
     "resolve_moe_layers",
     "router_aux_loss",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from .capacity import drop_over_capacity, expert_capacity
 from .experts import ConstantExperts, GatedExperts, GatedMLP, PlainExperts, PlainMLP
@@ -121,23 +122,11 @@ class SparseMoeBlock(nn.Module):
             output = output + self.constant_experts(x, slot_weights[:, first_constant:-1])
         return output
 
-    @torch.no_grad()
-    def init_router_and_extras(self, std: float) -> None:
-        """Fresh router (normal(0, std)) and zero-computation experts; the expert bank is left alone."""
-        if hasattr(self.gate, "weight"):
-            self.gate.weight.normal_(0.0, std)
+    def reset_routing(self, std: float) -> None:
+        """A fresh router (normal(0, std) weights, no bias or loads) and fresh zero-computation experts and shared
+        expert gate; the expert bank and the shared expert are left alone (upcycling copies them)."""
+        self.gate.reset_parameters(std)
         if self.constant_experts is not None:
-            self.constant_experts.mix.normal_(0.0, std)
-            self.constant_experts.vectors.normal_(0.0, std)
+            self.constant_experts.reset_parameters(std)
         if self.shared_expert_gate is not None:
-            self.shared_expert_gate.weight.normal_(0.0, std)
-
-
-def init_expert_bank(experts: nn.Module, std: float) -> None:
-    """Random init of a fresh expert bank (normal(0, std) weights, zero biases), as transformers inits MoE experts."""
-    with torch.no_grad():
-        for name, param in experts.named_parameters(recurse=False):
-            if name.endswith("_bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, std)
+            init.normal_(self.shared_expert_gate.weight, mean=0.0, std=std)

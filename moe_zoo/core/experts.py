@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
@@ -43,6 +44,15 @@ class _ExpertBank(nn.Module):
 
     def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def reset_parameters(self, std: float) -> None:
+        """Random experts (normal(0, std) weights, zero biases), as transformers initialises MoE experts; tensors
+        already loaded from a checkpoint are left alone."""
+        for name, param in self.named_parameters(recurse=False):
+            if name.endswith("_bias"):
+                init.zeros_(param)
+            else:
+                init.normal_(param, mean=0.0, std=std)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -143,6 +153,10 @@ class ConstantExperts(nn.Module):
         super().__init__()
         self.mix = nn.Parameter(torch.zeros(num_experts, 2, hidden_size))
         self.vectors = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def reset_parameters(self, std: float) -> None:
+        init.normal_(self.mix, mean=0.0, std=std)
+        init.normal_(self.vectors, mean=0.0, std=std)
 
     def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``hidden_states (T, H)``, ``weights (T, C)`` routing weight of each constant expert -> ``(T, H)``."""

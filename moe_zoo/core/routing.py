@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .options import num_routed_slots
 
@@ -50,6 +51,13 @@ class Router(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # Expert loads since the last bias update; only the update rule reads it, so it is not saved.
         self.register_buffer("pending_load", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+
+    def reset_parameters(self, std: float) -> None:
+        """Fresh router: weight from normal(0, std), no selection bias, no pending loads. Tensors already loaded
+        from a checkpoint are left alone (transformers' ``initialization`` functions skip them)."""
+        init.normal_(self.weight, mean=0.0, std=std)
+        init.zeros_(self.selection_bias)
+        init.zeros_(self.pending_load)
 
     @property
     def uses_selection_bias(self) -> bool:
@@ -207,12 +215,18 @@ class TopAnyRouter(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_experts = num_routed_slots(config)
-        initial = config.top_any_init_experts or self.num_experts
-        self.sim_matrix = nn.Parameter(nn.init.orthogonal_(torch.empty(hidden_size, self.num_experts)))
+        self.initial_experts = config.top_any_init_experts or self.num_experts
+        self.sim_matrix = nn.Parameter(torch.empty(hidden_size, self.num_experts))
         self.gates = nn.Parameter(torch.zeros(self.num_experts))
-        mask = torch.zeros(self.num_experts)
-        mask[:initial] = 1.0
-        self.register_buffer("experts_mask", mask)
+        self.register_buffer("experts_mask", torch.zeros(self.num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Orthogonal expert embeddings, thresholds at sigmoid(0) = 0.5, the first ``top_any_init_experts`` slots on
+        (``std`` is accepted for a uniform router interface and unused)."""
+        init.orthogonal_(self.sim_matrix)
+        init.zeros_(self.gates)
+        init.copy_(self.experts_mask, (torch.arange(self.num_experts) < self.initial_experts).float())
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
         x = hidden_states.reshape(-1, self.hidden_size).to(routing_dtype(hidden_states))
@@ -246,6 +260,10 @@ class DenseToSparseRouter(Router):
         self.decay_steps = config.gumbel_tau_decay_steps
         self.threshold = config.gumbel_selection_threshold
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def reset_parameters(self, std: float) -> None:
+        super().reset_parameters(std)
+        init.zeros_(self.step)
 
     @property
     def temperature(self) -> float:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import PreTrainedConfig
 
-from moe_zoo.core import MoeOptions, SparseMoeBlock, init_expert_bank
+from moe_zoo.core import MoeOptions, SparseMoeBlock
 
 HIDDEN, INTERMEDIATE = 12, 20
 
@@ -29,12 +29,12 @@ def _block(implementation: str, gated: bool, **options) -> SparseMoeBlock:
     config._experts_implementation = implementation
     torch.manual_seed(0)
     block = SparseMoeBlock(config, HIDDEN, INTERMEDIATE, "silu" if gated else "gelu_new", gated=gated)
-    init_expert_bank(block.experts, 0.3)
+    block.experts.reset_parameters(0.3)
     if not gated:
         with torch.no_grad():
             block.experts.up_proj_bias.normal_(0, 0.3)
             block.experts.down_proj_bias.normal_(0, 0.3)
-    block.init_router_and_extras(0.5)
+    block.reset_routing(0.5)
     return block.eval()
 
 

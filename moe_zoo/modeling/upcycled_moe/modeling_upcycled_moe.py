@@ -17,7 +17,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from ...atomic_io import save_files_atomically
-from ...core.block import SparseMoeBlock, init_expert_bank
+from ...core.block import SparseMoeBlock
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, ConstantExperts, GatedExpertsBase, PlainExpertsBase
 from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
@@ -51,6 +51,10 @@ class UpcycledMoePlainExperts(PlainExpertsBase):
     pass
 
 
+MOE_MODULE_TYPES = (GatedExpertsBase, PlainExpertsBase, Router, TopAnyRouter, ConstantExperts)
+"""The moe_zoo modules that need our own initialisation."""
+
+
 class UpcycledMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycledMoeConfig
     base_model_prefix = "model"
@@ -80,14 +84,19 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
             lambda folder: super(UpcycledMoePreTrainedModel, self).save_pretrained(folder, *args, **kwargs),
         )
 
+    def initialize_weights(self) -> None:
+        # The MoE modules sit inside the backbone's own PreTrainedModel, and transformers initialises a nested
+        # PreTrainedModel with *its* _init_weights, which does not know them: initialise them first, ourselves.
+        # transformers.initialization skips tensors already loaded from a checkpoint, so only missing state
+        # (e.g. the non-persistent expert loads) is set.
+        for module in self.modules():
+            if isinstance(module, MOE_MODULE_TYPES):
+                self._initialize_weights(module)
+        super().initialize_weights()
+
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (GatedExpertsBase, PlainExpertsBase)):
-            init_expert_bank(module, std)
-        elif isinstance(module, SparseMoeBlock):
-            module.init_router_and_extras(std)
-        elif isinstance(module, (Router, TopAnyRouter, ConstantExperts)):
-            pass  # initialised by their block (routers' buffers keep their construction values)
+        if isinstance(module, MOE_MODULE_TYPES):
+            module.reset_parameters(self.config.initializer_range)
         else:
             super()._init_weights(module)
 
