@@ -1,11 +1,12 @@
 """The moe_zoo demo: upcycle the real SmolLM2-135M-Instruct into an MoE and show that nothing changed.
 
-Steps (all offline, CPU, float32, a few minutes at most):
+Steps (all offline, CPU, a few minutes at most):
 
 1. load SmolLM2-135M-Instruct from the pip-shipped asset (:func:`moe_zoo.assets.smollm2_path`);
 2. upcycle it with :func:`moe_zoo.upcycle` under a fixed seed and print total vs. active parameters per token;
 3. check the MoE's logits match the dense model's on a real chat prompt (max abs difference <= 1e-5 times the
-   largest |logit|, see :data:`FUNCTION_PRESERVING_RTOL`);
+   largest |logit|, see :data:`FUNCTION_PRESERVING_RTOL`), and that the same upcycling done in float64, where
+   float32's rounding is gone, matches to :data:`FLOAT64_TOLERANCE`;
 4. save it with ``save_pretrained`` (atomically) plus the tokenizer, reload it with
    ``AutoModelForCausalLM.from_pretrained`` and check the reloaded logits equal the saved model's;
 5. answer the chat prompt greedily with the dense and the reloaded MoE model; the answers must be identical.
@@ -15,6 +16,7 @@ Every check raises :class:`DemoCheckError` when it fails. Run it with ``moe-zoo 
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,9 @@ kind of rounding (top-k weights that sum to 1 only up to an ulp; experts run on 
 6e-5 to 1.4e-4 for SmolLM2 (about 2e-6 to 4e-6 of the logit scale, ~38), while changing one expert moves the
 logits by ~0.5.
 """
+
+FLOAT64_TOLERANCE = 1e-9
+"""Largest max-abs logit difference accepted when the same upcycling is done in float64."""
 
 
 class DemoCheckError(AssertionError):
@@ -118,6 +123,23 @@ def function_preserving_tolerance(dense: PreTrainedModel, input_ids: torch.Tenso
     return FUNCTION_PRESERVING_RTOL * _logits(dense, input_ids).abs().max().item()
 
 
+def float64_logit_difference(
+    dense: PreTrainedModel,
+    input_ids: torch.Tensor,
+    num_experts: int,
+    top_k: int,
+    moe_layers: str | list[int],
+    seed: int,
+) -> float:
+    """Upcycle a float64 copy of ``dense`` the same way and return the max |logit difference|: without float32's
+    rounding the upcycled model must equal the dense one (to :data:`FLOAT64_TOLERANCE`)."""
+    dense64 = copy.deepcopy(dense).double()
+    torch.manual_seed(seed)
+    moe64 = upcycle(dense64, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers)
+    moe64.set_experts_implementation("eager")  # transformers' grouped kernels take no float64
+    return max_logit_difference(dense64, moe64, input_ids)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise DemoCheckError(message)
@@ -173,6 +195,12 @@ def run_demo(
     _check(
         difference <= tolerance,
         f"Upcycling is not function-preserving: max |logit difference| {difference:.3e} > {tolerance:.3e}.",
+    )
+    exact_difference = float64_logit_difference(dense, input_ids, num_experts, top_k, moe_layers, seed)
+    print(f"  The same upcycling in float64 (no float32 rounding): max |logit difference| {exact_difference:.3e}")
+    _check(
+        exact_difference <= FLOAT64_TOLERANCE,
+        f"Upcycling in float64 is not function-preserving: {exact_difference:.3e} > {FLOAT64_TOLERANCE:.0e}.",
     )
 
     print(f"[4/5] Saving to {output_dir} and reloading with AutoModelForCausalLM.from_pretrained")

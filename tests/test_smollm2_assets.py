@@ -20,7 +20,14 @@ import moe_zoo
 from moe_zoo import assets
 from moe_zoo.atomic_io import temp_prefix
 from moe_zoo.cli import main
-from moe_zoo.demo import FUNCTION_PRESERVING_RTOL, chat_input_ids, greedy_answer, parameter_counts
+from moe_zoo.demo import (
+    FLOAT64_TOLERANCE,
+    FUNCTION_PRESERVING_RTOL,
+    chat_input_ids,
+    float64_logit_difference,
+    greedy_answer,
+    parameter_counts,
+)
 
 PROMPT = "What is the capital of France?"
 LONG_PROMPT = "Write a short poem about the sea."  # its greedy answer is longer than the 12 tokens compared
@@ -101,12 +108,12 @@ def test_upcycled_smollm2_is_function_preserving(dense, moe, chat_ids, dense_log
 def test_upcycled_smollm2_is_exactly_function_preserving_in_float64(dense, chat_ids):
     """In float64 the rounding noise of the float32 check vanishes and the upcycled SmolLM2's logits equal the
     dense model's to 1e-9: the remaining float32 difference is rounding, not a change of function."""
+    assert FLOAT64_TOLERANCE == 1e-9
+    assert float64_logit_difference(dense, chat_ids, 4, 2, "sparse", seed=0) <= FLOAT64_TOLERANCE
     dense64 = copy.deepcopy(dense).double()
-    torch.manual_seed(0)
     moe64 = moe_zoo.upcycle(dense64, num_experts=4, num_experts_per_tok=2, moe_layers="sparse")
-    moe64.set_experts_implementation("eager")  # transformers' grouped_mm / batched_mm kernels take no float64
-    assert moe_zoo.max_logit_difference(dense64, moe64, chat_ids) <= 1e-9
-    with torch.no_grad():  # and the experts really run in this float64 model
+    moe64.set_experts_implementation("eager")
+    with torch.no_grad():  # and the experts really run in a float64 model
         moe64.moe_blocks()[7].experts.down_proj.mul_(1.01)
     assert moe_zoo.max_logit_difference(dense64, moe64, chat_ids) > 1e-4
 
