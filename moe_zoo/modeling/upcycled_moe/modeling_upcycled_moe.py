@@ -18,27 +18,17 @@ from transformers.utils.generic import can_return_tuple
 
 from ...atomic_io import save_files_atomically
 from ...core.block import SparseMoeBlock
-from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, ConstantExperts, GatedExpertsBase, PlainExpertsBase
+from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
 from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
-from ...core.routing import Router, TopAnyRouter
-from ...core.upcycle import ffn_layout, find_decoder_layers
+from ..moe_backbone import (
+    MOE_MODULE_TYPES,
+    experts_implementation_hidden,
+    initialize_moe_modules,
+    install_moe_blocks,
+    moe_blocks,
+)
 from .configuration_upcycled_moe import UpcycledMoeConfig
-
-
-def _build_dense_backbone(text_config) -> PreTrainedModel:
-    """The backbone's own causal LM, built from its config.
-
-    transformers propagates ``experts_implementation`` into sub-configs, and a dense backbone class refuses any
-    value but eager; the choice is ours (our experts read the top-level config), so hide it while the backbone is
-    built.
-    """
-    requested = text_config._experts_implementation_internal
-    text_config._experts_implementation_internal = None
-    try:
-        return AutoModelForCausalLM.from_config(text_config)
-    finally:
-        text_config._experts_implementation_internal = requested
 
 
 @use_experts_implementation(**GATED_LAYOUT)
@@ -49,10 +39,6 @@ class UpcycledMoeGatedExperts(GatedExpertsBase):
 @use_experts_implementation(**PLAIN_LAYOUT)
 class UpcycledMoePlainExperts(PlainExpertsBase):
     pass
-
-
-MOE_MODULE_TYPES = (GatedExpertsBase, PlainExpertsBase, Router, TopAnyRouter, ConstantExperts)
-"""The moe_zoo modules that need our own initialisation."""
 
 
 class UpcycledMoePreTrainedModel(PreTrainedModel):
@@ -85,13 +71,7 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
         )
 
     def initialize_weights(self) -> None:
-        # The MoE modules sit inside the backbone's own PreTrainedModel, and transformers initialises a nested
-        # PreTrainedModel with *its* _init_weights, which does not know them: initialise them first, ourselves.
-        # transformers.initialization skips tensors already loaded from a checkpoint, so only missing state
-        # (e.g. the non-persistent expert loads) is set.
-        for module in self.modules():
-            if isinstance(module, MOE_MODULE_TYPES):
-                self._initialize_weights(module)
+        initialize_moe_modules(self)
         super().initialize_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -111,23 +91,20 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)
-        dense = _build_dense_backbone(config.text_config)
+        with experts_implementation_hidden(config.text_config):
+            dense = AutoModelForCausalLM.from_config(config.text_config)
         self.model = getattr(dense, dense.base_model_prefix)
         self.lm_head = dense.get_output_embeddings()
         self._tied_weights_keys = dict(dense._tied_weights_keys or {})
         self._pp_plan = dict(getattr(dense, "_pp_plan", None) or {})
         self.logit_softcapping = getattr(config.text_config, "final_logit_softcapping", None)
-        layers = find_decoder_layers(self.model, config.text_config.num_hidden_layers)
-        for index in config.moe_layer_indices:
-            layout = ffn_layout(layers[index].mlp, where=f"decoder layer {index}")
-            layers[index].mlp = SparseMoeBlock(
-                config,
-                layout.hidden_size,
-                layout.intermediate_size,
-                config.hidden_act,
-                gated=layout.gated,
-                experts_class=UpcycledMoeGatedExperts if layout.gated else UpcycledMoePlainExperts,
-            )
+        install_moe_blocks(
+            self.model,
+            config,
+            config.num_hidden_layers,
+            config.hidden_act,
+            (UpcycledMoeGatedExperts, UpcycledMoePlainExperts),
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -144,7 +121,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         """The MoE blocks, in layer order."""
-        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+        return moe_blocks(self)
 
     @can_return_tuple
     def forward(

@@ -7,10 +7,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.utils.logging import tqdm
 
-from ...core.block import SparseMoeBlock
-from ...core.upcycle import copy_ffn_into_experts, copy_ffn_into_shared_expert, find_decoder_layers
+from ..moe_backbone import upcycle_weights
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .modeling_upcycled_moe import UpcycledMoeForCausalLM
 
@@ -56,62 +54,11 @@ def upcycle(
     with torch.device("meta"):
         moe = UpcycledMoeForCausalLM(config)
     moe = moe.to_empty(device=parameter.device).to(parameter.dtype)
-    moe_layer_indices = set(config.moe_layer_indices)
-    _copy_shared_tensors(model, moe, moe_layer_indices)
-
     std = router_init_std if router_init_std is not None else config.initializer_range
-    dense_layers = find_decoder_layers(model, config.num_hidden_layers)
-    moe_layers_list = find_decoder_layers(moe, config.num_hidden_layers)
-    for index in tqdm(sorted(moe_layer_indices), desc="Upcycling FFNs into experts", leave=False):
-        block: SparseMoeBlock = moe_layers_list[index].mlp
-        dense_ffn = dense_layers[index].mlp
-        copy_ffn_into_experts(dense_ffn, block.experts)
-        if block.shared_expert is not None:
-            if config.num_shared_experts == 1 and not config.shared_expert_intermediate_size:
-                copy_ffn_into_shared_expert(dense_ffn, block.shared_expert)
-            else:
-                for linear in block.shared_expert.children():
-                    moe._init_weights(linear)
-        block.reset_routing(std)
-    moe.tie_weights()
+    upcycle_weights(model, moe, model, moe, config, config.num_hidden_layers, std)
     moe.generation_config = copy.deepcopy(model.generation_config)
     moe.train(model.training)
     return moe
-
-
-@torch.no_grad()
-def _copy_shared_tensors(dense: PreTrainedModel, moe: UpcycledMoeForCausalLM, moe_layer_indices: set[int]) -> None:
-    """Copy every parameter and buffer (non-persistent ones such as RoPE frequencies included) that the two
-    models share by name, i.e. everything but the FFNs that became MoE blocks; refuse any mismatch."""
-    dense_tensors = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
-    moe_tensors = {**dict(moe.named_parameters()), **dict(moe.named_buffers())}
-    missing = []
-    for name, target in moe_tensors.items():
-        if _in_moe_ffn(name, moe_layer_indices):
-            continue
-        if name in dense_tensors:
-            target.copy_(dense_tensors[name])
-        elif not _is_tied_copy(moe, name):
-            missing.append(name)
-    unexpected = [n for n in dense_tensors if n not in moe_tensors and not _in_moe_ffn(n, moe_layer_indices)]
-    if missing or unexpected:
-        raise ValueError(
-            f"Upcycling {type(dense).__name__} left tensors unmatched (missing: {missing[:5]}, unexpected: "
-            f"{unexpected[:5]}); the backbone's layout is not one upcycling supports."
-        )
-
-
-def _is_tied_copy(model: PreTrainedModel, name: str) -> bool:
-    return name in (getattr(model, "all_tied_weights_keys", None) or {})
-
-
-def _in_moe_ffn(name: str, moe_layer_indices: set[int]) -> bool:
-    """Whether a dense state-dict key belongs to the FFN of a layer that becomes MoE."""
-    parts = name.split(".")
-    for position, part in enumerate(parts[:-2]):
-        if part.isdigit() and parts[position + 1] == "mlp":
-            return int(part) in moe_layer_indices
-    return False
 
 
 @torch.no_grad()

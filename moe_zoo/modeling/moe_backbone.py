@@ -1,0 +1,156 @@
+"""What every moe_zoo model that wraps a dense HF decoder shares: building the backbone, putting MoE blocks in its
+layers, initialising those blocks, and upcycling a dense model's weights into them.
+
+transformers builds and initialises a backbone (``LlamaModel``, ``PhiModel``, ...) with the backbone's own code;
+the helpers here make that work when MoE blocks sit inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils.logging import tqdm
+
+from ..core.block import SparseMoeBlock
+from ..core.experts import ConstantExperts, GatedExpertsBase, PlainExpertsBase
+from ..core.options import resolve_moe_layers
+from ..core.routing import Router, TopAnyRouter
+from ..core.upcycle import copy_ffn_into_experts, copy_ffn_into_shared_expert, ffn_layout, find_decoder_layers
+
+MOE_MODULE_TYPES = (GatedExpertsBase, PlainExpertsBase, Router, TopAnyRouter, ConstantExperts)
+"""The moe_zoo modules that need moe_zoo's own initialisation."""
+
+
+@contextmanager
+def experts_implementation_hidden(text_config: PreTrainedConfig) -> Iterator[None]:
+    """Build a dense backbone while the top-level ``experts_implementation`` is hidden from its config.
+
+    transformers propagates ``experts_implementation`` into sub-configs, and a dense backbone class refuses any value
+    but eager; the choice is ours (our experts read the top-level config).
+    """
+    requested = text_config._experts_implementation_internal
+    text_config._experts_implementation_internal = None
+    try:
+        yield
+    finally:
+        text_config._experts_implementation_internal = requested
+
+
+def install_moe_blocks(
+    decoder: nn.Module,
+    config: Any,
+    num_layers: int,
+    hidden_act: str,
+    experts_classes: tuple[type[nn.Module], type[nn.Module]],
+) -> list[int]:
+    """Replace the FFN (``layer.mlp``) of every layer in ``config.moe_layers`` with a :class:`SparseMoeBlock`.
+
+    ``experts_classes`` are the model file's decorated ``(gated, plain)`` expert banks. Returns the MoE layer
+    indices. Raises ``ValueError`` for a layer whose FFN layout upcycling does not support.
+    """
+    layers = find_decoder_layers(decoder, num_layers)
+    indices = resolve_moe_layers(config.moe_layers, num_layers)
+    for index in indices:
+        layout = ffn_layout(layers[index].mlp, where=f"decoder layer {index}")
+        layers[index].mlp = SparseMoeBlock(
+            config,
+            layout.hidden_size,
+            layout.intermediate_size,
+            hidden_act,
+            gated=layout.gated,
+            experts_class=experts_classes[0] if layout.gated else experts_classes[1],
+        )
+    return indices
+
+
+def backbone_hidden_act(text_config: PreTrainedConfig) -> str:
+    """The backbone's FFN activation name (``hidden_act``, or Gemma's ``hidden_activation``)."""
+    return getattr(text_config, "hidden_act", None) or getattr(text_config, "hidden_activation", None) or "silu"
+
+
+def initialize_moe_modules(model: PreTrainedModel) -> None:
+    """Initialise the MoE modules nested in a backbone with ``model``'s ``_init_weights``.
+
+    transformers initialises a nested ``PreTrainedModel`` (the backbone) with *its* ``_init_weights``, which does
+    not know our modules; call this first from ``initialize_weights``. transformers' ``initialization`` functions
+    skip tensors already loaded from a checkpoint, so after ``from_pretrained`` only missing state (such as the
+    non-persistent expert loads) is set.
+    """
+    for module in model.modules():
+        if isinstance(module, MOE_MODULE_TYPES):
+            model._initialize_weights(module)
+
+
+def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
+    """The MoE blocks of ``model``, in layer order."""
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+@torch.no_grad()
+def upcycle_weights(
+    dense: nn.Module,
+    moe: PreTrainedModel,
+    dense_decoder: nn.Module,
+    moe_decoder: nn.Module,
+    config: Any,
+    num_layers: int,
+    router_init_std: float,
+) -> None:
+    """Fill ``moe`` (built on the meta device, then ``to_empty``) from ``dense``: every tensor the two share by
+    name is copied, every expert of each MoE block becomes a copy of the dense FFN of its layer, a single shared
+    expert of the FFN's size too, and routers start fresh (normal(0, ``router_init_std``)).
+
+    The two models must use the same names outside the MoE blocks; a mismatch raises ``ValueError``.
+    """
+    indices = set(resolve_moe_layers(config.moe_layers, num_layers))
+    dense_layers = find_decoder_layers(dense_decoder, num_layers)
+    moe_layers = find_decoder_layers(moe_decoder, num_layers)
+    ffn_prefixes = {f"{_module_name(moe, moe_layers[i].mlp)}." for i in indices}
+    _copy_shared_tensors(dense, moe, ffn_prefixes)
+    for index in tqdm(sorted(indices), desc="Upcycling FFNs into experts", leave=False):
+        block: SparseMoeBlock = moe_layers[index].mlp
+        dense_ffn = dense_layers[index].mlp
+        copy_ffn_into_experts(dense_ffn, block.experts)
+        if block.shared_expert is not None:
+            if config.num_shared_experts == 1 and not config.shared_expert_intermediate_size:
+                copy_ffn_into_shared_expert(dense_ffn, block.shared_expert)
+            else:
+                for linear in block.shared_expert.children():
+                    moe._init_weights(linear)
+        block.reset_routing(router_init_std)
+    moe.tie_weights()
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is target)
+
+
+def _copy_shared_tensors(dense: nn.Module, moe: PreTrainedModel, ffn_prefixes: set[str]) -> None:
+    """Copy every parameter and buffer (non-persistent ones such as RoPE frequencies included) that the two
+    models share by name, i.e. everything but the FFNs that became MoE blocks; refuse any mismatch."""
+
+    def in_moe_ffn(name: str) -> bool:
+        return any(name.startswith(prefix) for prefix in ffn_prefixes)
+
+    dense_tensors = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
+    moe_tensors = {**dict(moe.named_parameters()), **dict(moe.named_buffers())}
+    tied = getattr(moe, "all_tied_weights_keys", None) or {}
+    missing = []
+    for name, target in moe_tensors.items():
+        if in_moe_ffn(name):
+            continue
+        if name in dense_tensors:
+            target.copy_(dense_tensors[name])
+        elif name not in tied:
+            missing.append(name)
+    unexpected = [n for n in dense_tensors if n not in moe_tensors and not in_moe_ffn(n)]
+    if missing or unexpected:
+        raise ValueError(
+            f"Upcycling {type(dense).__name__} left tensors unmatched (missing: {missing[:5]}, unexpected: "
+            f"{unexpected[:5]}); the backbone's layout is not one upcycling supports."
+        )
