@@ -4,6 +4,12 @@
 """
 
 from .core import MoeOptions, SparseMoeBlock, update_selection_biases
+from .modeling.moe_llava import (
+    MoeLlavaConfig,
+    MoeLlavaForConditionalGeneration,
+    MoeLlavaProcessor,
+    upcycle_moe_llava,
+)
 from .modeling.upcycled_moe import (
     UpcycledMoeConfig,
     UpcycledMoeForCausalLM,
@@ -17,6 +23,9 @@ __version__ = "0.1.0"
 register_auto_classes()
 
 __all__ = [
+    "MoeLlavaConfig",
+    "MoeLlavaForConditionalGeneration",
+    "MoeLlavaProcessor",
     "MoeOptions",
     "SparseMoeBlock",
     "UpcycledMoeConfig",
@@ -24,5 +33,6 @@ __all__ = [
     "__version__",
     "max_logit_difference",
     "update_selection_biases",
+    "upcycle_moe_llava",
     "upcycle",
 ]

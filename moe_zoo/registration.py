@@ -6,11 +6,16 @@ transformers has no entry-point discovery, so importing the package is what make
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+from .modeling.moe_llava import MoeLlavaConfig, MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaProcessor
 from .modeling.upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
 
 def register_auto_classes() -> None:
     AutoConfig.register(UpcycledMoeConfig.model_type, UpcycledMoeConfig, exist_ok=True)
     AutoModelForCausalLM.register(UpcycledMoeConfig, UpcycledMoeForCausalLM, exist_ok=True)
+    AutoConfig.register(MoeLlavaConfig.model_type, MoeLlavaConfig, exist_ok=True)
+    AutoModel.register(MoeLlavaConfig, MoeLlavaModel, exist_ok=True)
+    AutoModelForImageTextToText.register(MoeLlavaConfig, MoeLlavaForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(MoeLlavaConfig, MoeLlavaProcessor, exist_ok=True)

@@ -31,7 +31,7 @@ AUX_LOSS_TYPES = (
 )
 """Names accepted by ``aux_loss_type``."""
 
-MOE_LAYER_MODES = ("all", "sparse", "first_half", "second_half")
+MOE_LAYER_MODES = ("all", "sparse", "first_half", "second_half", "none")
 """Names accepted by ``moe_layers`` (besides an explicit list of layer indices)."""
 
 
@@ -43,7 +43,7 @@ class MoeOptions:
     Experts and routing:
         num_experts: routed FFN experts per MoE layer.
         num_experts_per_tok: k of the top-k routers (and of dense-to-sparse's loss); ignored by top-p and top-any.
-        moe_layers: ``"all"``, ``"sparse"`` (every other layer from 0), ``"first_half"``, ``"second_half"``, or a
+        moe_layers: ``"all"``, ``"sparse"`` (every other layer from 0), ``"first_half"``, ``"second_half"``, ``"none"`` (dense), or a
             list of layer indices.
         router_type: one of :data:`ROUTER_TYPES`.
         norm_topk_prob: renormalise the top-k weights to sum to 1 (needed for function-preserving upcycling).
@@ -111,7 +111,8 @@ def resolve_moe_layers(moe_layers: str | Sequence[int], num_layers: int) -> list
     """Turn a ``moe_layers`` value into the sorted list of decoder-layer indices that get an MoE block.
 
     ``"sparse"`` is MoE-LLaVA's choice (every other layer from 0), ``"first_half"``/``"second_half"`` split the
-    stack at ``num_layers // 2``; an explicit list is checked against the number of layers.
+    stack at ``num_layers // 2``, ``"none"`` keeps every layer dense; an explicit list is checked against the
+    number of layers.
     """
     if isinstance(moe_layers, str):
         modes = {
@@ -119,6 +120,7 @@ def resolve_moe_layers(moe_layers: str | Sequence[int], num_layers: int) -> list
             "sparse": range(0, num_layers, 2),
             "first_half": range(num_layers // 2),
             "second_half": range(num_layers // 2, num_layers),
+            "none": range(0),  # a dense model of an MoE family (e.g. MoE-LLaVA before stage III)
         }
         if moe_layers not in modes:
             _fail("moe_layers", moe_layers, f"one of {MOE_LAYER_MODES} or a list of layer indices")

@@ -41,6 +41,16 @@ def experts_implementation_hidden(text_config: PreTrainedConfig) -> Iterator[Non
         text_config._experts_implementation_internal = requested
 
 
+def build_backbone(text_config: PreTrainedConfig) -> tuple[PreTrainedModel, nn.Module]:
+    """The backbone's own base model and LM head (with the head's bias where the backbone has one, e.g. Phi),
+    built by the backbone's causal-LM class from ``text_config``."""
+    from transformers import AutoModelForCausalLM
+
+    with experts_implementation_hidden(text_config):
+        dense = AutoModelForCausalLM.from_config(text_config)
+    return getattr(dense, dense.base_model_prefix), dense.get_output_embeddings()
+
+
 def install_moe_blocks(
     decoder: nn.Module,
     config: Any,

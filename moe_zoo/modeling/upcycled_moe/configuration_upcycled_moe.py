@@ -45,12 +45,6 @@ class UpcycledMoeConfig(PreTrainedConfig, MoeOptions):
         return resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
 
     @property
-    def hidden_act(self) -> str:
-        text = self.text_config
-        return getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", None) or "silu"
-
-    # transformers, PEFT and TRL read these from the top-level config.
-    @property
     def vocab_size(self) -> int:
         return self.text_config.vocab_size
 

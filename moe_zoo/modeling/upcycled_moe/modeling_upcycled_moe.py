@@ -11,7 +11,7 @@ in the dense model. Only ``model.<layers>.{i}.mlp`` changes: it becomes a
 from __future__ import annotations
 
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
@@ -23,7 +23,8 @@ from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
 from ..moe_backbone import (
     MOE_MODULE_TYPES,
-    experts_implementation_hidden,
+    backbone_hidden_act,
+    build_backbone,
     initialize_moe_modules,
     install_moe_blocks,
     moe_blocks,
@@ -91,18 +92,15 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)
-        with experts_implementation_hidden(config.text_config):
-            dense = AutoModelForCausalLM.from_config(config.text_config)
-        self.model = getattr(dense, dense.base_model_prefix)
-        self.lm_head = dense.get_output_embeddings()
-        self._tied_weights_keys = dict(dense._tied_weights_keys or {})
-        self._pp_plan = dict(getattr(dense, "_pp_plan", None) or {})
+        self.model, self.lm_head = build_backbone(config.text_config)
+        embeddings = next(n for n, m in self.named_modules() if m is self.model.get_input_embeddings())
+        self._tied_weights_keys = {"lm_head.weight": f"{embeddings}.weight"}
         self.logit_softcapping = getattr(config.text_config, "final_logit_softcapping", None)
         install_moe_blocks(
             self.model,
             config,
             config.num_hidden_layers,
-            config.hidden_act,
+            backbone_hidden_act(config.text_config),
             (UpcycledMoeGatedExperts, UpcycledMoePlainExperts),
         )
         self.post_init()

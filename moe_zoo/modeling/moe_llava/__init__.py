@@ -1,0 +1,15 @@
+from .configuration_moe_llava import MoeLlavaConfig
+from .modeling_moe_llava import MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaPreTrainedModel
+from .processing_moe_llava import MOE_LLAVA_CHAT_TEMPLATE, MOE_LLAVA_SYSTEM_PROMPT, MoeLlavaProcessor
+from .upcycling import upcycle_moe_llava
+
+__all__ = [
+    "MOE_LLAVA_CHAT_TEMPLATE",
+    "MOE_LLAVA_SYSTEM_PROMPT",
+    "MoeLlavaConfig",
+    "MoeLlavaForConditionalGeneration",
+    "MoeLlavaModel",
+    "MoeLlavaPreTrainedModel",
+    "MoeLlavaProcessor",
+    "upcycle_moe_llava",
+]

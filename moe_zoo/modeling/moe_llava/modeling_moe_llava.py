@@ -1,0 +1,172 @@
+# Copyright 2026 The moe-zoo authors. Licensed under the Apache License, Version 2.0.
+"""MoE-LLaVA as a native transformers model: Llava (vision tower -> MLP projector -> decoder) whose decoder FFNs in
+``moe_layers`` are sparse MoE blocks.
+
+It is transformers' Llava, reused rather than rewritten: image features, the placeholder check
+(``<image>`` tokens must match the image features, else ``ValueError``) and the ``masked_scatter`` merge are
+``LlavaModel``'s. What changes: the language model is the backbone's own base model with MoE blocks in it, the LM
+head is the backbone's own (so Phi keeps its bias), and the forward collects the routing for ``router_logits`` and
+the router loss. With ``moe_layers="none"`` the same classes hold the dense model of MoE-tuning stages I and II.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import AutoModel, GenerationMixin
+from transformers.integrations.moe import use_experts_implementation
+from transformers.modeling_outputs import MultimodalMoeCausalLMOutputWithPast
+from transformers.models.llava.modeling_llava import (
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+from transformers.utils.generic import can_return_tuple
+
+from ...atomic_io import save_files_atomically
+from ...core.block import SparseMoeBlock
+from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
+from ...core.losses import router_aux_loss
+from ...core.recording import collect_routing
+from ..moe_backbone import (
+    MOE_MODULE_TYPES,
+    backbone_hidden_act,
+    build_backbone,
+    initialize_moe_modules,
+    install_moe_blocks,
+    moe_blocks,
+)
+from .configuration_moe_llava import MoeLlavaConfig
+
+
+@use_experts_implementation(**GATED_LAYOUT)
+class MoeLlavaGatedExperts(GatedExpertsBase):
+    pass
+
+
+@use_experts_implementation(**PLAIN_LAYOUT)
+class MoeLlavaPlainExperts(PlainExpertsBase):
+    pass
+
+
+class MoeLlavaPreTrainedModel(LlavaPreTrainedModel):
+    config_class = MoeLlavaConfig
+    config: MoeLlavaConfig
+    _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = [
+        "mlp.gate.weight",
+        "mlp.gate.sim_matrix",
+        "mlp.gate.gates",
+        "selection_bias",
+        "experts_mask",
+    ]
+
+    def initialize_weights(self) -> None:
+        initialize_moe_modules(self)
+        super().initialize_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, MOE_MODULE_TYPES):
+            module.reset_parameters(self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``save_pretrained``, atomic per file (see :func:`moe_zoo.atomic_io.save_files_atomically`)."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        save_files_atomically(
+            save_directory, lambda folder: super(MoeLlavaPreTrainedModel, self).save_pretrained(folder, *args, **kwargs)
+        )
+
+
+class MoeLlavaModel(MoeLlavaPreTrainedModel, LlavaModel):
+    """Vision tower, projector and the MoE language model, without the LM head (``LlavaModel``'s forward)."""
+
+    def __init__(self, config: MoeLlavaConfig, language_model: nn.Module | None = None):
+        MoeLlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = language_model if language_model is not None else build_backbone(config.text_config)[0]
+        install_moe_blocks(
+            self.language_model,
+            config,
+            config.text_config.num_hidden_layers,
+            backbone_hidden_act(config.text_config),
+            (MoeLlavaGatedExperts, MoeLlavaPlainExperts),
+        )
+        self.post_init()
+
+
+class MoeLlavaForConditionalGeneration(MoeLlavaPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin):
+    """MoE-LLaVA. ``forward`` takes Llava's inputs (``input_ids`` with expanded ``<image>`` tokens,
+    ``pixel_values``, ...) and returns ``MultimodalMoeCausalLMOutputWithPast``: with ``output_router_logits``
+    (argument or config) it carries one ``(B*S, E)`` router-logit tensor per MoE layer and ``aux_loss``, the
+    weighted router loss, which is added to ``loss`` when labels are given."""
+
+    def __init__(self, config: MoeLlavaConfig):
+        MoeLlavaPreTrainedModel.__init__(self, config)
+        language_model, self.lm_head = build_backbone(config.text_config)
+        self.model = MoeLlavaModel(config, language_model=language_model)
+        self.post_init()
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The MoE blocks of the language model, in layer order."""
+        return moe_blocks(self)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        logits_to_keep: int = 0,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MultimodalMoeCausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if "past_key_values" in kwargs:  # the pre-5.24 name, still used by some callers
+            cache = kwargs.pop("past_key_values")
+        with collect_routing(enabled=output_router_logits) as routing:
+            outputs = super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                return_dict=True,
+                **kwargs,
+            )
+        loss, aux_loss = outputs.loss, None
+        if output_router_logits:
+            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = router_aux_loss(routing, self.config, token_mask)
+            if loss is not None and aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        return MultimodalMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=outputs.logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=tuple(r.logits for r in routing) if output_router_logits else None,
+            image_outputs=outputs.image_outputs,
+        )
+
+
+__all__ = [
+    "MoeLlavaForConditionalGeneration",
+    "MoeLlavaGatedExperts",
+    "MoeLlavaModel",
+    "MoeLlavaPlainExperts",
+    "MoeLlavaPreTrainedModel",
+]
