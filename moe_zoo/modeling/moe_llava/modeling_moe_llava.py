@@ -97,6 +97,26 @@ class MoeLlavaModel(MoeLlavaPreTrainedModel, LlavaModel):
         )
         self.post_init()
 
+    def get_image_features(self, pixel_values, *args, **kwargs):
+        check_pixel_values(pixel_values, self.config.vision_config)
+        return super().get_image_features(pixel_values, *args, **kwargs)
+
+
+def check_pixel_values(pixel_values, vision_config) -> None:
+    """Refuse pixel values the vision tower cannot take, naming the expected shape."""
+    channels = getattr(vision_config, "num_channels", 3)
+    size = getattr(vision_config, "image_size", None)
+    expected = f"(num_images, {channels}, {size}, {size})"
+    if (
+        pixel_values.dim() != 4
+        or pixel_values.shape[1] != channels
+        or (size is not None and tuple(pixel_values.shape[-2:]) != (size, size))
+    ):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, but the vision tower expects {expected}; "
+            "use the model's processor (AutoProcessor) to prepare images."
+        )
+
 
 class MoeLlavaForConditionalGeneration(MoeLlavaPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin):
     """MoE-LLaVA. ``forward`` takes Llava's inputs (``input_ids`` with expanded ``<image>`` tokens,
