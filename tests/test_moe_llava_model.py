@@ -149,3 +149,34 @@ def test_bad_inputs_are_refused_clearly():
         moe(**{**inputs, "pixel_values": torch.randn(2, 3, 48, 48)})
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         moe_zoo.upcycle_moe_llava(_dense(), num_experts=2, num_experts_per_tok=3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_loading(tmp_path, bits):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    moe = _moe()
+    moe.save_pretrained(tmp_path)
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    quantized = AutoModelForImageTextToText.from_pretrained(tmp_path, quantization_config=quantization).eval()
+    expected = bitsandbytes.nn.Linear4bit if bits == 4 else bitsandbytes.nn.Linear8bitLt
+    assert isinstance(quantized.model.language_model.layers[0].self_attn.q_proj, expected)
+    assert quantized.get_memory_footprint() < moe.get_memory_footprint()
+    with torch.no_grad():
+        reference = moe(**_inputs()).logits.flatten()
+        logits = quantized(**_inputs()).logits.flatten().float()
+    assert torch.isfinite(logits).all()
+    assert torch.corrcoef(torch.stack([logits, reference]))[0, 1] > 0.9
+
+
+def test_device_map_auto(tmp_path):
+    moe = _moe()
+    moe.save_pretrained(tmp_path)
+    placed = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto").eval()
+    with torch.no_grad():
+        assert torch.equal(placed(**_inputs()).logits, moe(**_inputs()).logits)
