@@ -219,6 +219,10 @@ class TopAnyRouter(nn.Module):
         self.sim_matrix = nn.Parameter(torch.empty(hidden_size, self.num_experts))
         self.gates = nn.Parameter(torch.zeros(self.num_experts))
         self.register_buffer("experts_mask", torch.zeros(self.num_experts))
+        # DynMoE's adaptive process: what the experts received while recording (not saved: a window's statistics).
+        self.recording = False
+        self.register_buffer("routing_records", torch.zeros(self.num_experts), persistent=False)
+        self.register_buffer("unrouted_sum", torch.zeros(hidden_size), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None) -> None:
@@ -227,6 +231,33 @@ class TopAnyRouter(nn.Module):
         init.orthogonal_(self.sim_matrix)
         init.zeros_(self.gates)
         init.copy_(self.experts_mask, (torch.arange(self.num_experts) < self.initial_experts).float())
+        init.zeros_(self.routing_records)
+        init.zeros_(self.unrouted_sum)
+
+    @torch.no_grad()
+    def adapt_experts(self) -> tuple[list[int], list[int]]:
+        """DynMoE's add/remove step, from what was recorded since recording started (all processes' records when
+        distributed): switch off every active expert that received no token, and when some tokens activated no
+        expert, switch on the first inactive slot with its embedding set to the normalised sum of those tokens and
+        its threshold reset. Returns ``(removed, added)`` slot indices and clears the records."""
+        records, unrouted = self.routing_records, self.unrouted_sum
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(records)
+            torch.distributed.all_reduce(unrouted)
+        active = self.experts_mask > 0
+        removed = (active & (records == 0)).nonzero().flatten().tolist() if records.sum() > 0 else []
+        self.experts_mask[removed] = 0.0
+        added = []
+        inactive = (self.experts_mask == 0).nonzero().flatten().tolist()
+        if unrouted.abs().sum() > 0 and inactive:
+            slot = inactive[0]
+            self.experts_mask[slot] = 1.0
+            self.sim_matrix[:, slot] = F.normalize(unrouted.to(self.sim_matrix.dtype), dim=0)
+            self.gates[slot] = 0.0
+            added.append(slot)
+        records.zero_()
+        unrouted.zero_()
+        return removed, added
 
     def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
         x = hidden_states.reshape(-1, self.hidden_size).to(routing_dtype(hidden_states))
@@ -234,6 +265,10 @@ class TopAnyRouter(nn.Module):
         scores = torch.sigmoid(cosine) * self.experts_mask
         gate = _StraightThroughStep.apply(scores - torch.sigmoid(self.gates.to(x.dtype)))
         active = gate.detach() > 0
+        if self.recording and self.training:
+            with torch.no_grad():
+                self.routing_records += active.sum(dim=0).to(self.routing_records.dtype)
+                self.unrouted_sum += x[~active.any(dim=-1)].sum(dim=0).to(self.unrouted_sum.dtype)
         if not self.training:
             fallback = ~active.any(dim=-1, keepdim=True)
             argmax = torch.zeros_like(active).scatter(-1, scores.argmax(dim=-1, keepdim=True), True)
