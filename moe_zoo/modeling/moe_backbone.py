@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils.logging import tqdm
 
+from ..atomic_io import save_files_atomically
 from ..core.block import SparseMoeBlock
 from ..core.experts import ConstantExperts, GatedExpertsBase, PlainExpertsBase
 from ..core.options import resolve_moe_layers
@@ -94,6 +95,46 @@ def initialize_moe_modules(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, MOE_MODULE_TYPES):
             model._initialize_weights(module)
+
+
+class MoeModelMixin:
+    """What every moe_zoo ``PreTrainedModel`` with MoE blocks inside a backbone adds to transformers' behaviour.
+
+    List it before the ``PreTrainedModel`` base: ``class XPreTrainedModel(MoeModelMixin, PreTrainedModel)``.
+    """
+
+    # Routing decisions are discrete: keep routers (and the balancing bias) in fp32 when loading in fp16/bf16.
+    _keep_in_fp32_modules_strict = [
+        "mlp.gate.weight",
+        "mlp.gate.sim_matrix",
+        "mlp.gate.gates",
+        "selection_bias",
+        "experts_mask",
+    ]
+    _can_compile_fullgraph = False  # variable routing (top-p, top-any, capacity) is data-dependent
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated
+        weight file or a config that describes weights that are not there (see
+        :func:`moe_zoo.atomic_io.save_files_atomically`). Other files in ``save_directory`` are kept."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        parent = super()
+        save_files_atomically(save_directory, lambda folder: parent.save_pretrained(folder, *args, **kwargs))
+
+    def initialize_weights(self) -> None:
+        initialize_moe_modules(self)
+        super().initialize_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, MOE_MODULE_TYPES):
+            module.reset_parameters(self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The MoE blocks, in layer order."""
+        return moe_blocks(self)
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:

@@ -23,18 +23,14 @@ from transformers.models.llava.modeling_llava import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from ...atomic_io import save_files_atomically
-from ...core.block import SparseMoeBlock
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
 from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
 from ..moe_backbone import (
-    MOE_MODULE_TYPES,
+    MoeModelMixin,
     backbone_hidden_act,
     build_backbone,
-    initialize_moe_modules,
     install_moe_blocks,
-    moe_blocks,
 )
 from .configuration_moe_llava import MoeLlavaConfig
 
@@ -49,35 +45,9 @@ class MoeLlavaPlainExperts(PlainExpertsBase):
     pass
 
 
-class MoeLlavaPreTrainedModel(LlavaPreTrainedModel):
+class MoeLlavaPreTrainedModel(MoeModelMixin, LlavaPreTrainedModel):
     config_class = MoeLlavaConfig
     config: MoeLlavaConfig
-    _can_compile_fullgraph = False
-    _keep_in_fp32_modules_strict = [
-        "mlp.gate.weight",
-        "mlp.gate.sim_matrix",
-        "mlp.gate.gates",
-        "selection_bias",
-        "experts_mask",
-    ]
-
-    def initialize_weights(self) -> None:
-        initialize_moe_modules(self)
-        super().initialize_weights()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, MOE_MODULE_TYPES):
-            module.reset_parameters(self.config.initializer_range)
-        else:
-            super()._init_weights(module)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``save_pretrained``, atomic per file (see :func:`moe_zoo.atomic_io.save_files_atomically`)."""
-        if kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        save_files_atomically(
-            save_directory, lambda folder: super(MoeLlavaPreTrainedModel, self).save_pretrained(folder, *args, **kwargs)
-        )
 
 
 class MoeLlavaModel(MoeLlavaPreTrainedModel, LlavaModel):
@@ -129,10 +99,6 @@ class MoeLlavaForConditionalGeneration(MoeLlavaPreTrainedModel, LlavaForConditio
         language_model, self.lm_head = build_backbone(config.text_config)
         self.model = MoeLlavaModel(config, language_model=language_model)
         self.post_init()
-
-    def moe_blocks(self) -> list[SparseMoeBlock]:
-        """The MoE blocks of the language model, in layer order."""
-        return moe_blocks(self)
 
     @can_return_tuple
     def forward(

@@ -16,18 +16,14 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
-from ...atomic_io import save_files_atomically
-from ...core.block import SparseMoeBlock
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
 from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
 from ..moe_backbone import (
-    MOE_MODULE_TYPES,
+    MoeModelMixin,
     backbone_hidden_act,
     build_backbone,
-    initialize_moe_modules,
     install_moe_blocks,
-    moe_blocks,
 )
 from .configuration_upcycled_moe import UpcycledMoeConfig
 
@@ -42,7 +38,7 @@ class UpcycledMoePlainExperts(PlainExpertsBase):
     pass
 
 
-class UpcycledMoePreTrainedModel(PreTrainedModel):
+class UpcycledMoePreTrainedModel(MoeModelMixin, PreTrainedModel):
     config_class = UpcycledMoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -50,36 +46,6 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
-    # Routing decisions are discrete: keep routers (and the balancing bias) in fp32 when loading in fp16/bf16.
-    _keep_in_fp32_modules_strict = [
-        "mlp.gate.weight",
-        "mlp.gate.sim_matrix",
-        "mlp.gate.gates",
-        "selection_bias",
-        "experts_mask",
-    ]
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated
-        weight file or a config that describes weights that are not there (see
-        :func:`moe_zoo.atomic_io.save_files_atomically`). Other files in ``save_directory`` are kept."""
-        if kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        save_files_atomically(
-            save_directory,
-            lambda folder: super(UpcycledMoePreTrainedModel, self).save_pretrained(folder, *args, **kwargs),
-        )
-
-    def initialize_weights(self) -> None:
-        initialize_moe_modules(self)
-        super().initialize_weights()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, MOE_MODULE_TYPES):
-            module.reset_parameters(self.config.initializer_range)
-        else:
-            super()._init_weights(module)
 
 
 class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
@@ -116,10 +82,6 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
-
-    def moe_blocks(self) -> list[SparseMoeBlock]:
-        """The MoE blocks, in layer order."""
-        return moe_blocks(self)
 
     @can_return_tuple
     def forward(
