@@ -35,9 +35,16 @@ _active: ContextVar[list[LayerRouting] | None] = ContextVar("moe_zoo_routing", d
 
 @contextmanager
 def collect_routing(enabled: bool = True) -> Iterator[list[LayerRouting]]:
-    """Collect the routing of every MoE block run inside the ``with`` body, in execution order."""
+    """Collect the routing of every MoE block run inside the ``with`` body, in execution order.
+
+    With ``enabled=False`` nothing is collected here and an enclosing collector, if any, keeps collecting: a model
+    whose forward does not need its routing does not hide it from a caller who does (e.g. an expert-load probe).
+    """
     records: list[LayerRouting] = []
-    token = _active.set(records if enabled else None)
+    if not enabled:
+        yield records
+        return
+    token = _active.set(records)
     try:
         yield records
     finally:
