@@ -113,7 +113,54 @@ def _run_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_upcycle, _add_assets)
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint of another project into a moe_zoo folder",
+        description="Convert a checkpoint made by another project's code into a moe_zoo folder that loads with "
+        "transformers' Auto classes after `import moe_zoo`.",
+    )
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    moe_llava = formats.add_parser(
+        "moe-llava",
+        help="an original MoE-LLaVA checkpoint (moe_llava_phi / moe_llava_stablelm / moe_llava_qwen1_5)",
+        description="Convert an original MoE-LLaVA checkpoint folder (config.json with the `moe` dict, "
+        "model.safetensors or pytorch_model.bin) into a MoeLlavaForConditionalGeneration folder, loadable with "
+        "AutoModelForImageTextToText. Fails, naming the keys, if any tensor cannot be placed or filled.",
+    )
+    moe_llava.add_argument("src", help="the original checkpoint folder")
+    moe_llava.add_argument("dst", help="where to write the converted model (written atomically)")
+    moe_llava.add_argument(
+        "--vision-config",
+        default=None,
+        help="the vision tower's config (a JSON file or a folder with config.json); "
+        "default: vision_tower_config.json in SRC",
+    )
+    moe_llava.add_argument(
+        "--image-token-id",
+        type=int,
+        default=None,
+        help="id of the <image> token; default: a new row at the original vocabulary size",
+    )
+    moe_llava.set_defaults(handler=_run_convert_moe_llava)
+
+
+def _run_convert_moe_llava(args: argparse.Namespace) -> int:
+    from .modeling.moe_llava.convert_moe_llava_original import convert_moe_llava_original
+
+    output = convert_moe_llava_original(
+        args.src, args.dst, vision_config=args.vision_config, image_token_id=args.image_token_id
+    )
+    print(f"Converted {args.src} to {output}")
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_demo,
+    _add_upcycle,
+    _add_assets,
+    _add_convert,
+)
 """Functions that each add one subcommand to the parser."""
 
 
