@@ -227,3 +227,13 @@ def test_model_built_from_config_has_initialised_experts_and_routers():
     assert torch.equal(block.gate.selection_bias, torch.zeros(4)) and torch.equal(
         block.gate.pending_load, torch.zeros(4)
     )
+
+
+def test_capacity_options_changed_on_a_loaded_model_take_effect():
+    dense = _dense("llama")
+    moe = moe_zoo.upcycle(dense, num_experts=4, num_experts_per_tok=2).eval()
+    assert moe_zoo.max_logit_difference(dense, moe, _ids()) <= 1e-5
+    moe.config.eval_capacity_factor = 0.25  # capacity 3 of 22 tokens' 44 assignments per expert: tokens drop
+    assert moe_zoo.max_logit_difference(dense, moe, _ids()) > 1e-3
+    moe.config.eval_capacity_factor = None
+    assert moe_zoo.max_logit_difference(dense, moe, _ids()) <= 1e-5

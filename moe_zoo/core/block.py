@@ -43,13 +43,11 @@ class SparseMoeBlock(nn.Module):
     ):
         super().__init__()
         self.hidden_size = hidden_size
+        self.config = config  # read live: capacity options changed on a loaded model take effect
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.num_copy = config.num_copy_experts
         self.num_constant = config.num_constant_experts
-        self.capacity_factor = config.capacity_factor
-        self.eval_capacity_factor = config.eval_capacity_factor
-        self.min_capacity = config.min_capacity
         self.renormalize = config.norm_topk_prob and config.router_type != "top_any"
         self.gate = build_router(config, hidden_size)
         experts_class = experts_class or (GatedExperts if gated else PlainExperts)
@@ -63,17 +61,13 @@ class SparseMoeBlock(nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         # Whether routing can leave empty (sentinel) slots that must be removed before the expert bank runs.
-        self.may_leave_slots_empty = (
-            routes_variable_experts(config)
-            or config.capacity_factor is not None
-            or config.eval_capacity_factor is not None
-            or self.gate.num_experts > self.num_experts
-        )
+        self.routes_variable_experts = routes_variable_experts(config) or self.gate.num_experts > self.num_experts
 
     def current_capacity_factor(self) -> float | None:
-        if self.training:
-            return self.capacity_factor
-        return self.eval_capacity_factor if self.eval_capacity_factor is not None else self.capacity_factor
+        """``capacity_factor`` in training, ``eval_capacity_factor`` (or else ``capacity_factor``) at eval."""
+        if self.training or self.config.eval_capacity_factor is None:
+            return self.config.capacity_factor
+        return self.config.eval_capacity_factor
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router plus capacity: ``(logits (T, S), weights (T, K), indices (T, K))`` over all ``S`` slots."""
@@ -81,7 +75,7 @@ class SparseMoeBlock(nn.Module):
         factor = self.current_capacity_factor()
         if factor is not None:
             slots = logits.shape[-1]
-            capacity = expert_capacity(indices.shape[0], slots, indices.shape[1], factor, self.min_capacity)
+            capacity = expert_capacity(indices.shape[0], slots, indices.shape[1], factor, self.config.min_capacity)
             indices, weights = drop_over_capacity(indices, weights, slots, capacity, self.renormalize)
         return logits, weights, indices
 
@@ -102,7 +96,7 @@ class SparseMoeBlock(nn.Module):
         return output.reshape(shape)
 
     def _run_ffn_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if not self.may_leave_slots_empty:
+        if not (self.routes_variable_experts or self.current_capacity_factor() is not None):
             return self.experts(x, indices, weights)
         # Variable experts per token: hand the expert bank only the real (token, expert) pairs, one per row,
         # so every experts implementation sees a dense (P, 1) routing and no compute goes to empty slots.

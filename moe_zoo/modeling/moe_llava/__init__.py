@@ -1,4 +1,5 @@
 from .configuration_moe_llava import MoeLlavaConfig
+from .convert_moe_llava_original import convert_moe_llava_original
 from .modeling_moe_llava import MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaPreTrainedModel
 from .processing_moe_llava import MOE_LLAVA_CHAT_TEMPLATE, MOE_LLAVA_SYSTEM_PROMPT, MoeLlavaProcessor
 from .upcycling import upcycle_moe_llava
@@ -11,5 +12,6 @@ __all__ = [
     "MoeLlavaModel",
     "MoeLlavaPreTrainedModel",
     "MoeLlavaProcessor",
+    "convert_moe_llava_original",
     "upcycle_moe_llava",
 ]
