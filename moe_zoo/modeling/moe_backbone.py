@@ -188,8 +188,10 @@ def _copy_shared_tensors(dense: nn.Module, moe: PreTrainedModel, ffn_prefixes: s
     def in_moe_ffn(name: str) -> bool:
         return any(name.startswith(prefix) for prefix in ffn_prefixes)
 
-    dense_tensors = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
-    moe_tensors = {**dict(moe.named_parameters()), **dict(moe.named_buffers())}
+    # Every name of a tied tensor (remove_duplicate=False): which alias ``named_parameters`` would keep depends on
+    # module order (MoE-LLaVA registers ``lm_head`` before the embeddings), and may differ between the two models.
+    dense_tensors = {**dict(dense.named_parameters(remove_duplicate=False)), **dict(dense.named_buffers())}
+    moe_tensors = {**dict(moe.named_parameters(remove_duplicate=False)), **dict(moe.named_buffers())}
     tied = getattr(moe, "all_tied_weights_keys", None) or {}
     missing = []
     for name, target in moe_tensors.items():

@@ -40,8 +40,28 @@ class MoeLlavaProcessor(LlavaProcessor):
     model's placeholder check holds.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or MOE_LLAVA_CHAT_TEMPLATE, **kwargs)
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        **kwargs,
+    ):
+        # Llava's options are named here: ProcessorMixin saves only what ``__init__``'s signature names.
+        super().__init__(
+            image_processor,
+            tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template or MOE_LLAVA_CHAT_TEMPLATE,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
 
 
 __all__ = ["MOE_LLAVA_CHAT_TEMPLATE", "MOE_LLAVA_SYSTEM_PROMPT", "MoeLlavaProcessor"]
