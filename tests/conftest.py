@@ -51,3 +51,18 @@ def smollm2_dir() -> Path:
     from moe_zoo.assets import smollm2_path
 
     return smollm2_path()
+
+
+# --- the digits vision tower (a tiny CLIPVisionModel trained on scikit-learn's digits) -------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits_vision_tower_dir() -> Path:
+    """The cached digits vision tower folder (``CLIPVisionModel`` + ``CLIPImageProcessor``).
+
+    The first run trains it (about half a minute on 2 idle CPU cores) into the moe_zoo cache (``$MOE_ZOO_CACHE``,
+    default ``~/.cache/moe_zoo``); later runs reuse it.
+    """
+    from moe_zoo.vision_tower import digits_vision_tower_path
+
+    return digits_vision_tower_path()
