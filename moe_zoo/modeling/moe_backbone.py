@@ -19,6 +19,7 @@ from transformers.utils.logging import tqdm
 from ..atomic_io import save_files_atomically
 from ..core.block import SparseMoeBlock
 from ..core.experts import ConstantExperts, GatedExpertsBase, PlainExpertsBase
+from ..core.losses import router_aux_loss
 from ..core.options import resolve_moe_layers
 from ..core.routing import Router, TopAnyRouter
 from ..core.upcycle import copy_ffn_into_experts, copy_ffn_into_shared_expert, ffn_layout, find_decoder_layers
@@ -135,6 +136,22 @@ class MoeModelMixin:
     def moe_blocks(self) -> list[SparseMoeBlock]:
         """The MoE blocks, in layer order."""
         return moe_blocks(self)
+
+    def router_outputs(
+        self, loss: torch.Tensor | None, routing: list, attention_mask: torch.Tensor | None, enabled: bool
+    ) -> dict:
+        """``loss``, ``aux_loss`` and ``router_logits`` of an output, from the routing a forward collected.
+
+        With ``enabled`` (``output_router_logits``) the weighted router loss of :func:`moe_zoo.core.router_aux_loss`
+        is computed over the non-padding tokens of a 2D ``attention_mask`` and added to ``loss`` when there is one.
+        """
+        if not enabled:
+            return {"loss": loss, "aux_loss": None, "router_logits": None}
+        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        aux_loss = router_aux_loss(routing, self.config, token_mask)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss.to(loss.device)
+        return {"loss": loss, "aux_loss": aux_loss, "router_logits": tuple(r.logits for r in routing)}
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:

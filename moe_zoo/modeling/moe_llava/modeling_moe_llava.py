@@ -24,7 +24,6 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils.generic import can_return_tuple
 
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
-from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
 from ..moe_backbone import (
     MoeModelMixin,
@@ -131,20 +130,12 @@ class MoeLlavaForConditionalGeneration(MoeLlavaPreTrainedModel, LlavaForConditio
                 return_dict=True,
                 **kwargs,
             )
-        loss, aux_loss = outputs.loss, None
-        if output_router_logits:
-            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            aux_loss = router_aux_loss(routing, self.config, token_mask)
-            if loss is not None and aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device)
         return MultimodalMoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
+            **self.router_outputs(outputs.loss, routing, attention_mask, output_router_logits),
             logits=outputs.logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=tuple(r.logits for r in routing) if output_router_logits else None,
             image_outputs=outputs.image_outputs,
         )
 

@@ -14,10 +14,10 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
-from ...core.losses import router_aux_loss
 from ...core.recording import collect_routing
 from ..moe_backbone import (
     MoeModelMixin,
@@ -112,10 +112,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
                 **kwargs,
             )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep, :]
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
         logits = self.lm_head(hidden_states)
         if self.logit_softcapping:
             logits = (logits / self.logit_softcapping).tanh() * self.logit_softcapping
@@ -123,20 +120,12 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = None
-        if output_router_logits:
-            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            aux_loss = router_aux_loss(routing, self.config, token_mask)
-            if loss is not None and aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
+            **self.router_outputs(loss, routing, attention_mask, output_router_logits),
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=tuple(r.logits for r in routing) if output_router_logits else None,
         )
 
 
