@@ -17,6 +17,19 @@ from .core.options import parse_moe_layers
 from .demo import DEFAULT_OUTPUT_DIR, DEFAULT_PROMPT, DemoCheckError, run_demo
 
 
+def _add_upcycling_arguments(parser: argparse.ArgumentParser, moe_layers: str) -> None:
+    """The options every upcycling command shares: experts, top-k, MoE layers and the router seed."""
+    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts used per token (default: %(default)s)")
+    parser.add_argument(
+        "--moe-layers",
+        type=parse_moe_layers,
+        default=moe_layers,
+        help="sparse, all, first_half, second_half, or layer indices like 0,2,4 (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for the routers (default: %(default)s)")
+
+
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -26,17 +39,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "the dense and MoE answers to a chat prompt. Runs offline on CPU in a few minutes.",
     )
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to save the MoE (default: %(default)s)")
-    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts used per token (default: %(default)s)")
-    parser.add_argument(
-        "--moe-layers",
-        type=parse_moe_layers,
-        default="sparse",
-        help="sparse, all, first_half, second_half, or layer indices like 0,2,4 (default: %(default)s)",
-    )
+    _add_upcycling_arguments(parser, moe_layers="sparse")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="chat prompt (default: %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for the routers (default: %(default)s)")
     parser.set_defaults(handler=_run_demo)
 
 
@@ -78,11 +83,10 @@ def _add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model_dir", help="local folder of the dense model")
     parser.add_argument("output_dir", help="where to save the MoE (written atomically)")
-    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts used per token (default: %(default)s)")
-    parser.add_argument("--moe-layers", type=parse_moe_layers, default="all", help="default: %(default)s")
-    parser.add_argument("--router-type", default="softmax_topk", help="default: %(default)s")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for the routers (default: %(default)s)")
+    _add_upcycling_arguments(parser, moe_layers="all")
+    parser.add_argument(
+        "--router-type", default="softmax_topk", help="one of moe_zoo.core.ROUTER_TYPES (default: %(default)s)"
+    )
     parser.set_defaults(handler=_run_upcycle)
 
 
