@@ -104,6 +104,7 @@ def test_router_logits_aux_loss_and_training_step():
     )
     torch.testing.assert_close(out.aux_loss, expected)
     optimizer = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    router_before = moe.moe_blocks()[0].gate.weight.detach().clone()
     losses = []
     for _ in range(5):
         loss = moe(input_ids=ids, labels=ids, output_router_logits=True).loss
@@ -112,8 +113,7 @@ def test_router_logits_aux_loss_and_training_step():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert moe.moe_blocks()[0].gate.weight.grad is None  # zeroed by the optimizer, but it was trained:
-    assert moe.moe_blocks()[0].gate.weight.abs().sum() > 0
+    assert not torch.equal(moe.moe_blocks()[0].gate.weight, router_before)  # the router trained
 
 
 def test_generation_matches_dense_model():
