@@ -28,3 +28,28 @@ def test_expert_load_counts_every_routed_assignment(tmp_path):
     torch.testing.assert_close(load[0, 0], counts / counts.sum())
     path = plot_expert_load(load, ["zero", "one", "two", "three"], tmp_path / "load.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def test_expert_load_can_count_one_token_only():
+    moe = _moe()
+    batch = {k: v[:1] for k, v in _inputs(1).items()}
+    image_token_id = moe.config.image_token_id
+    load = expert_load_by_label(moe, [batch], labels=[0], num_labels=1, token_id=image_token_id)
+    with torch.no_grad():
+        logits = moe(**batch, output_router_logits=True).router_logits[0]
+    image_positions = batch["input_ids"].reshape(-1) == image_token_id
+    assert 0 < image_positions.sum() < image_positions.numel()
+    counts = torch.bincount(logits[image_positions].topk(2, dim=-1).indices.reshape(-1), minlength=4).float()
+    torch.testing.assert_close(load[0, 0], counts / counts.sum())
+
+
+def test_expert_load_sees_the_routing_of_a_model_that_collects_its_own():
+    """A model whose config asks for router logits (MoE-tuning's stage III) collects its routing itself; the
+    expert-load probe around it must still see every layer."""
+    moe = _moe()
+    batch = {k: v[:1] for k, v in _inputs(1).items()}
+    quiet = expert_load_by_label(moe, [batch], labels=[0], num_labels=1)
+    moe.config.output_router_logits = True
+    loud = expert_load_by_label(moe, [batch], labels=[0], num_labels=1)
+    assert loud.shape == quiet.shape == (2, 1, 4)
+    torch.testing.assert_close(loud, quiet)

@@ -39,16 +39,21 @@ def collect_routing(enabled: bool = True) -> Iterator[list[LayerRouting]]:
 
     With ``enabled=False`` nothing is collected here and an enclosing collector, if any, keeps collecting: a model
     whose forward does not need its routing does not hide it from a caller who does (e.g. an expert-load probe).
+    An enabled collector inside another one hands its records on to the outer one when it closes, so a model that
+    collects its own routing (for its router loss) does not hide it either.
     """
     records: list[LayerRouting] = []
     if not enabled:
         yield records
         return
+    outer = _active.get()
     token = _active.set(records)
     try:
         yield records
     finally:
         _active.reset(token)
+        if outer is not None:
+            outer.extend(records)
 
 
 def report_routing(logits: torch.Tensor, indices: torch.Tensor, router: nn.Module) -> None:

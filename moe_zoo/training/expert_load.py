@@ -18,12 +18,18 @@ from ..core.recording import collect_routing
 
 @torch.no_grad()
 def expert_load_by_label(
-    model: nn.Module, inputs: Iterable[dict], labels: Sequence[int], num_labels: int
+    model: nn.Module,
+    inputs: Iterable[dict],
+    labels: Sequence[int],
+    num_labels: int,
+    token_id: int | None = None,
 ) -> torch.Tensor:
     """``(layers, num_labels, experts)``: the share of each label's token-expert assignments per expert.
 
     ``inputs`` are model-ready batches of one example each (``input_ids``, ``attention_mask``, ``pixel_values``...),
-    aligned with ``labels``. Rows of labels that never occur are zero.
+    aligned with ``labels``. Padding never counts; with ``token_id`` only the positions holding that token count
+    (MoE-LLaVA's image tokens, say, whose routing is what differs between image classes). Rows of labels that never
+    occur are zero.
     """
     counts = None
     was_training = model.training
@@ -32,8 +38,7 @@ def expert_load_by_label(
         for batch, label in zip(inputs, labels, strict=True):
             with collect_routing() as routing:
                 model(**batch)
-            mask = batch.get("attention_mask")
-            real = mask.reshape(-1).bool() if mask is not None else None
+            real = _counted_positions(batch, token_id)
             layer_counts = []
             for record in routing:
                 slots = record.logits.shape[-1]
@@ -49,6 +54,16 @@ def expert_load_by_label(
     if counts is None:
         raise ValueError("expert_load_by_label needs at least one input.")
     return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
+
+
+def _counted_positions(batch: dict, token_id: int | None) -> torch.Tensor | None:
+    """A flat boolean mask of the positions whose routing counts (``None``: all of them)."""
+    mask = batch.get("attention_mask")
+    real = mask.reshape(-1).bool() if mask is not None else None
+    if token_id is None:
+        return real
+    chosen = batch["input_ids"].reshape(-1) == token_id
+    return chosen if real is None else chosen & real
 
 
 def plot_expert_load(load: torch.Tensor, label_names: Sequence[str], path: str | Path, title: str = "") -> Path:
