@@ -113,4 +113,20 @@ def save_files_atomically(target: str | os.PathLike, write: Callable[[Path], Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["atomic_directory", "remove_stale_temp_dirs", "save_files_atomically", "temp_prefix"]
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: readers see the old
+    file or the new one, never half of it. Creates the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path))
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = ["atomic_directory", "atomic_write_text", "remove_stale_temp_dirs", "save_files_atomically", "temp_prefix"]

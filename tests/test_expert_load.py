@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,6 +29,10 @@ def test_expert_load_counts_every_routed_assignment(tmp_path):
     torch.testing.assert_close(load[0, 0], counts / counts.sum())
     path = plot_expert_load(load, ["zero", "one", "two", "three"], tmp_path / "load.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+    grid = plot_expert_load(load.repeat(5, 1, 1), ["a", "b", "c", "d"], tmp_path / "grid.png", columns=4)
+    assert grid.stat().st_size > 2000
+    with pytest.raises(ValueError, match="layer_names"):
+        plot_expert_load(load, ["a", "b", "c", "d"], tmp_path / "bad.png", layer_names=["layer 1"])
 
 
 def test_expert_load_can_count_one_token_only():

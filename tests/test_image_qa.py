@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_zoo.training.image_qa import QUESTION_KINDS, answer_is_correct, digit_qa_examples
+from moe_zoo.training.image_qa import QUESTION_KINDS, answer_is_correct, digit_conversations, digit_qa_examples
 from moe_zoo.vision_tower import digit_pixel_values, digits_image_processor, digits_split, load_digit_images
 
 
@@ -67,6 +67,26 @@ def test_kinds_can_be_chosen_and_bad_arguments_fail():
         digit_qa_examples("test")
     with pytest.raises(ValueError, match="kinds"):
         digit_qa_examples("train", kinds=("colour",))
+
+
+def test_conversations_hold_every_question_about_one_image(train_examples):
+    conversations = digit_conversations("train")
+    assert sorted(c["index"] for c in conversations) == sorted(digits_split()[0].tolist())
+    singles = {(e["index"], e["question"], e["answer"]) for e in train_examples}
+    first_kinds = Counter()
+    for conversation in conversations:
+        messages = conversation["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * len(QUESTION_KINDS)
+        turns = {
+            (conversation["index"], q["content"][0]["text"], a["content"][0]["text"])
+            for q, a in zip(messages[::2], messages[1::2], strict=True)
+        }
+        assert turns <= singles and len(turns) == len(QUESTION_KINDS)
+        first_kinds[messages[1]["content"][0]["text"].isdigit()] += 1
+    assert (
+        0.2 < first_kinds[True] / len(conversations) < 0.5
+    )  # the digit question comes first about a third of the time
+    assert [c["index"] for c in conversations] == [c["index"] for c in digit_conversations("train")]
 
 
 def test_images_go_through_the_digits_image_processor(heldout_examples):

@@ -20,7 +20,7 @@ import moe_zoo
 from moe_zoo import assets
 from moe_zoo.atomic_io import temp_prefix
 from moe_zoo.cli import main
-from moe_zoo.demo import (
+from moe_zoo.demos.upcycling import (
     FLOAT64_TOLERANCE,
     FUNCTION_PRESERVING_RTOL,
     chat_input_ids,
@@ -73,7 +73,7 @@ def moe_output(moe, chat_ids):
 
 @pytest.fixture(scope="module")
 def tolerance(dense_logits) -> float:
-    """What "same function" allows in float32 on the prompt; see moe_zoo.demo.FUNCTION_PRESERVING_RTOL."""
+    """What "same function" allows in float32 on the prompt; see moe_zoo.demos.upcycling.FUNCTION_PRESERVING_RTOL."""
     return FUNCTION_PRESERVING_RTOL * dense_logits.abs().max().item()
 
 
@@ -90,7 +90,7 @@ def test_asset_is_the_real_smollm2(dense, tokenizer, chat_ids):
 def test_upcycled_smollm2_is_function_preserving(dense, moe, chat_ids, dense_logits, moe_output, tolerance):
     """Max |logit difference| within FUNCTION_PRESERVING_RTOL (1e-5) of the logit scale, in float32.
 
-    An absolute 1e-5 is below SmolLM2's own float32 noise (see moe_zoo.demo.FUNCTION_PRESERVING_RTOL): the dense
+    An absolute 1e-5 is below SmolLM2's own float32 noise (see moe_zoo.demos.upcycling.FUNCTION_PRESERVING_RTOL): the dense
     model alone moves its logits by ~5e-5 under rounding-level changes. The scale here is ~38, so the bound is ~4e-4,
     far below the ~0.5 that one changed expert causes (next test).
     """

@@ -11,7 +11,8 @@ Steps (all offline, CPU, a few minutes at most):
    ``AutoModelForCausalLM.from_pretrained`` and check the reloaded logits equal the saved model's;
 5. answer the chat prompt greedily with the dense and the reloaded MoE model; the answers must be identical.
 
-Every check raises :class:`DemoCheckError` when it fails. Run it with ``moe-zoo demo`` or ``python -m moe_zoo.demo``.
+Every check raises :class:`~moe_zoo.demos.DemoCheckError` when it fails. Run it with ``moe-zoo upcycle-demo`` or
+``python -m moe_zoo.demos.upcycling``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 # Importing anything from moe_zoo runs moe_zoo/__init__.py, which registers the moe_zoo architectures with
 # transformers' Auto classes, so AutoModelForCausalLM can reload the saved MoE below.
-from .assets import smollm2_path
-from .atomic_io import atomic_directory
-from .modeling.upcycled_moe import UpcycledMoeForCausalLM, max_logit_difference, upcycle
+from ..assets import smollm2_path
+from ..atomic_io import atomic_directory
+from ..modeling.upcycled_moe import UpcycledMoeForCausalLM, max_logit_difference, upcycle
+from . import check
 
 DEFAULT_OUTPUT_DIR = "outputs/smollm2-moe"
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -47,10 +49,6 @@ logits by ~0.5.
 
 FLOAT64_TOLERANCE = 1e-9
 """Largest max-abs logit difference accepted when the same upcycling is done in float64."""
-
-
-class DemoCheckError(AssertionError):
-    """One of the demo's checks failed: the upcycled model does not behave like the dense one."""
 
 
 @dataclass
@@ -140,11 +138,6 @@ def float64_logit_difference(
     return max_logit_difference(dense64, moe64, input_ids)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise DemoCheckError(message)
-
-
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> None:
     """``save_pretrained`` of model and tokenizer into ``output_dir``, atomically (a temp folder, then a rename)."""
     with atomic_directory(output_dir) as tmp:
@@ -192,13 +185,13 @@ def run_demo(
         f"[3/5] Max |logit difference| dense vs. MoE on the chat prompt ({input_ids.shape[1]} tokens): "
         f"{difference:.3e} (tolerance {tolerance:.3e} = {FUNCTION_PRESERVING_RTOL:.0e} x max |logit|)"
     )
-    _check(
+    check(
         difference <= tolerance,
         f"Upcycling is not function-preserving: max |logit difference| {difference:.3e} > {tolerance:.3e}.",
     )
     exact_difference = float64_logit_difference(dense, input_ids, num_experts, top_k, moe_layers, seed)
     print(f"  The same upcycling in float64 (no float32 rounding): max |logit difference| {exact_difference:.3e}")
-    _check(
+    check(
         exact_difference <= FLOAT64_TOLERANCE,
         f"Upcycling in float64 is not function-preserving: {exact_difference:.3e} > {FLOAT64_TOLERANCE:.0e}.",
     )
@@ -206,13 +199,13 @@ def run_demo(
     print(f"[4/5] Saving to {output_dir} and reloading with AutoModelForCausalLM.from_pretrained")
     _save(moe, tokenizer, output_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32).eval()
-    _check(
+    check(
         isinstance(reloaded, UpcycledMoeForCausalLM),
         f"AutoModelForCausalLM loaded a {type(reloaded).__name__}, not an UpcycledMoeForCausalLM.",
     )
     reload_difference = (_logits(moe, input_ids) - _logits(reloaded, input_ids)).abs().max().item()
     print(f"  Max |logit difference| saved vs. reloaded: {reload_difference:.3e}")
-    _check(reload_difference == 0.0, f"The reloaded model's logits differ from the saved one's by {reload_difference}.")
+    check(reload_difference == 0.0, f"The reloaded model's logits differ from the saved one's by {reload_difference}.")
     del moe
 
     print(f"[5/5] Chat (greedy, up to {max_new_tokens} new tokens): {prompt!r}")
@@ -220,7 +213,7 @@ def run_demo(
     moe_tokens, moe_answer = greedy_answer(reloaded, tokenizer, input_ids, max_new_tokens)
     print(f"  dense: {dense_answer}")
     print(f"  MoE:   {moe_answer}")
-    _check(torch.equal(dense_tokens, moe_tokens), "The dense and the MoE model generated different tokens.")
+    check(torch.equal(dense_tokens, moe_tokens), "The dense and the MoE model generated different tokens.")
     print("All checks passed: the upcycled MoE computes the same function as SmolLM2.")
     return DemoResult(
         output_dir=output_dir,
@@ -234,6 +227,6 @@ def run_demo(
 
 
 if __name__ == "__main__":
-    from .cli import main
+    from ..cli import main
 
-    raise SystemExit(main(["demo", *sys.argv[1:]]))
+    raise SystemExit(main(["upcycle-demo", *sys.argv[1:]]))

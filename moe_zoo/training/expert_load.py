@@ -66,22 +66,44 @@ def _counted_positions(batch: dict, token_id: int | None) -> torch.Tensor | None
     return chosen if real is None else chosen & real
 
 
-def plot_expert_load(load: torch.Tensor, label_names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Save one heat map per MoE layer (rows: labels, columns: experts, colour: share of assignments) as a PNG."""
+def plot_expert_load(
+    load: torch.Tensor,
+    label_names: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    layer_names: Sequence[str] | None = None,
+    columns: int = 8,
+) -> Path:
+    """Save one heat map per MoE layer (rows: labels, columns: experts, colour: share of assignments) as a PNG.
+
+    The panels fill a grid of at most ``columns`` per row, titled by ``layer_names`` (default ``"MoE layer i"``);
+    the colour scale runs from 0 to the largest share (with top-k routing no expert can take more than 1/k).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     layers, _, experts = load.shape
-    figure, axes = plt.subplots(1, layers, figsize=(2.2 + 1.6 * layers, 0.35 * len(label_names) + 1.8), squeeze=False)
-    for layer, axis in enumerate(axes[0]):
-        image = axis.imshow(load[layer].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        axis.set_title(f"MoE layer {layer}", fontsize=9)
+    names = list(layer_names) if layer_names is not None else [f"MoE layer {i}" for i in range(layers)]
+    if len(names) != layers:
+        raise ValueError(f"layer_names has {len(names)} names for {layers} layers.")
+    columns = min(columns, layers)
+    rows = -(-layers // columns)
+    height = 0.3 * len(label_names) + 1.2
+    figure, axes = plt.subplots(rows, columns, figsize=(1.2 + 1.5 * columns, height * rows + 0.6), squeeze=False)
+    top = max(float(load.max()), 1e-6)
+    for index, axis in enumerate(axes.flat):
+        if index >= layers:
+            axis.axis("off")
+            continue
+        image = axis.imshow(load[index].numpy(), vmin=0, vmax=top, cmap="viridis", aspect="auto")
+        axis.set_title(names[index], fontsize=9)
         axis.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=7)
         axis.set_xlabel("expert", fontsize=8)
-        axis.set_yticks(range(len(label_names)), label_names if layer == 0 else [""] * len(label_names), fontsize=7)
-    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of assignments")
+        first_column = index % columns == 0
+        axis.set_yticks(range(len(label_names)), label_names if first_column else [""] * len(label_names), fontsize=7)
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of assignments")
     if title:
         figure.suptitle(title, fontsize=10)
     path = Path(path)

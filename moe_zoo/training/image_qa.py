@@ -9,6 +9,7 @@ questions, each with a few phrasings:
 * ``"parity"``: "Is the digit in the image even or odd?" -> ``"odd"``
 * ``"yes_no"``: "Is this the digit 5?" -> ``"yes"`` / ``"no"`` (the asked digit is the true one half of the time)
 
+:func:`digit_conversations` puts the questions about one image into one multi-turn conversation, for training.
 :func:`answer_is_correct` grades a generated answer leniently, for held-out accuracy.
 """
 
@@ -82,6 +83,45 @@ def digit_qa_examples(
     return [examples[i] for i in order]
 
 
+def digit_conversations(
+    split: Literal["train", "heldout"],
+    seed: int = 0,
+    kinds: Sequence[str] = QUESTION_KINDS,
+) -> list[dict]:
+    """One multi-turn conversation per image of ``split``: a question of each kind in ``kinds``, in a random order,
+    each answered (LLaVA's instruction data is multi-turn in the same way). Several answers per image make a
+    training token go further than single questions do.
+
+    Each example is a dict with ``image``, ``messages`` (user / assistant turns; the collator puts the image before
+    the first question), ``label``, ``kind`` (``"conversation"``) and ``index``. The questions and answers are those
+    of :func:`digit_qa_examples` with the same arguments; the order of the turns and of the examples is seeded.
+    """
+    single = digit_qa_examples(split, seed, kinds)
+    by_image: dict[int, list[dict]] = {}
+    for example in single:
+        by_image.setdefault(example["index"], []).append(example)
+    rng = np.random.default_rng([seed, 3 if split == "train" else 4])
+    conversations = []
+    for index in sorted(by_image):
+        turns = [by_image[index][i] for i in rng.permutation(len(by_image[index]))]
+        messages = []
+        for turn in turns:
+            messages.append({"role": "user", "content": [{"type": "text", "text": turn["question"]}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
+        first = turns[0]
+        conversations.append(
+            {
+                "image": first["image"],
+                "messages": messages,
+                "label": first["label"],
+                "kind": "conversation",
+                "index": index,
+            }
+        )
+    order = rng.permutation(len(conversations))
+    return [conversations[i] for i in order]
+
+
 def _question(kind: str, label: int, rng: np.random.Generator) -> tuple[str, str]:
     if kind == "digit":
         return DIGIT_QUESTIONS[rng.integers(len(DIGIT_QUESTIONS))], str(label)
@@ -127,5 +167,6 @@ __all__ = [
     "QUESTION_KINDS",
     "YES_NO_QUESTIONS",
     "answer_is_correct",
+    "digit_conversations",
     "digit_qa_examples",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -62,14 +63,19 @@ def upcycle(
 
 
 @torch.no_grad()
-def max_logit_difference(dense: PreTrainedModel, moe: PreTrainedModel, input_ids: torch.Tensor) -> float:
-    """Largest absolute difference between the two models' logits on ``input_ids`` (eval mode, no cache)."""
+def max_logit_difference(
+    dense: PreTrainedModel, moe: PreTrainedModel, inputs: torch.Tensor | Mapping[str, torch.Tensor]
+) -> float:
+    """Largest absolute difference between the two models' logits on ``inputs`` (eval mode, no cache): ``input_ids``,
+    or a dict of model inputs (``input_ids``, ``attention_mask``, ``pixel_values``...)."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
     modes = dense.training, moe.training
     dense.eval()
     moe.eval()
     try:
-        reference = dense(input_ids=input_ids, use_cache=False).logits
-        upcycled = moe(input_ids=input_ids, use_cache=False).logits
+        reference = dense(**inputs, use_cache=False).logits
+        upcycled = moe(**inputs, use_cache=False).logits
     finally:
         dense.train(modes[0])
         moe.train(modes[1])
