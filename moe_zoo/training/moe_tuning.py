@@ -616,6 +616,13 @@ def stage_training_arguments(
     stage_args = copy.deepcopy(training_args)
     if stage_args.learning_rate == _TRAINER_DEFAULT_LEARNING_RATE:
         stage_args.learning_rate = DEFAULT_LEARNING_RATES[stage]
+        logger.warning(
+            "MoE-tuning stage %d: learning_rate is the Trainer's default (%g), so the original's %g is used; pass "
+            "another value to override it.",
+            stage,
+            _TRAINER_DEFAULT_LEARNING_RATE,
+            stage_args.learning_rate,
+        )
     stage_args.remove_unused_columns = False
     if output_dir is not None:
         stage_args.output_dir = str(output_dir)
