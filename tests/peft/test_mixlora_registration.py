@@ -89,3 +89,15 @@ def test_adapter_can_be_loaded_under_another_name(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_causal_lm(), tmp_path, adapter_name="mine")
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, expected)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "mixlora.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/mixlora.md", "exec"), {"__name__": "__docs__"})
+    assert (tmp_path / "mixlora-adapter" / "adapter_model.safetensors").is_file()
