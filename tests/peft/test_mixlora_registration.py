@@ -67,6 +67,7 @@ def test_save_and_reload_gives_identical_logits(tmp_path, arch):
     assert "base_model.model.model.layers.0.mlp.moe_gate.weight" in keys
     assert "base_model.model.model.layers.1.mlp.lora_A_down_proj" in keys
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert not any("selection_bias" in key for key in keys), "the unused router bias should not be saved"
     assert not any("default" in key for key in keys), "adapter name leaked into the saved keys"
     assert not any("base_layer" in key for key in keys), "frozen base weights were saved with the adapter"
 

@@ -58,6 +58,15 @@ def ffn_layout_of(module: nn.Module) -> FfnLayout | None:
     return None
 
 
+class MixLoraRouter(TopKRouter):
+    """moe-zoo's top-k router with the selection bias left out of the checkpoint: MixLoRA never uses it (it stays
+    zero), and saving it would add a key that the original's format (``mlp.moe_gate.weight`` only) lacks."""
+
+    def __init__(self, config: MoeOptions, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.register_buffer("selection_bias", self.selection_bias, persistent=False)
+
+
 def _gated_combine(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor):
     return act_fn(gate) * up
 
@@ -66,7 +75,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
     """Replaces a dense FFN (kept unchanged as ``base_layer``) with MixLoRA's mixture of LoRA experts.
 
     Adapter tensors, each a dict keyed by adapter name as PEFT expects (saved without the adapter name):
-      - ``moe_gate``: the router (:class:`~moe_zoo.core.routing.TopKRouter`, ``weight (E, hidden)`` kept in fp32,
+      - ``moe_gate``: the router (:class:`MixLoraRouter`, ``weight (E, hidden)`` kept in fp32,
         logits computed in fp32, softmax over all experts, top-k, renormalised), saved as ``mlp.moe_gate.weight``
         like the original;
       - ``lora_A_<proj> (E, r, in)`` and ``lora_B_<proj> (E, out, r)`` for each targeted projection: expert ``j``'s
@@ -123,7 +132,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
             norm_topk_prob=True,
             router_jitter_noise=config.jitter_noise,
         )
-        router = TopKRouter(options, self.hidden_size).to(device=device, dtype=torch.float32)
+        router = MixLoraRouter(options, self.hidden_size).to(device=device, dtype=torch.float32)
         router.reset_parameters(config.router_init_range)
         self.moe_gate[adapter_name] = router
         r, num_experts = config.expert_r, config.num_experts
