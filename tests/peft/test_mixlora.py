@@ -172,3 +172,21 @@ def test_bad_configs_raise_value_error(overrides, message):
 def test_unknown_target_module_raises_value_error():
     with pytest.raises(ValueError, match="not found in the base model"):
         get_peft_model(tiny_causal_lm(), mixlora(target_modules=["w_gate"]))
+
+
+def test_disable_adapter_gives_the_base_model_and_generate_runs():
+    base = tiny_causal_lm()
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = get_peft_model(base, mixlora())
+    randomize_lora_b(model)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            disabled = model(**inputs).logits
+        generated = model.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=3, do_sample=False)
+    assert (adapted - expected).abs().max() > 1e-2
+    assert torch.equal(disabled, expected)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A_gate_proj" in n)
