@@ -16,6 +16,7 @@ from .modeling.upcycled_moe import (
     max_logit_difference,
     upcycle,
 )
+from .peft import MixLoraConfig, MixLoraModel  # noqa: F401  (importing it registers the MIXLORA PEFT type)
 from .registration import register_auto_classes
 
 __version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""``MixLoraConfig``: a ``LoraConfig`` with the MoE fields of MixLoRA (Li et al., "MixLoRA: Enhancing Large Language
+Models Fine-Tuning with LoRA-based Mixture of Experts").
+
+It subclasses PEFT's ``LoraConfig`` so that the attention projections, which get plain LoRA, reuse PEFT's own LoRA
+layers and every LoRA option behaves as users expect; only ``peft_type`` changes, to ``"MIXLORA"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import LoraConfig
+
+MIXLORA_PEFT_TYPE = "MIXLORA"
+"""The PEFT type string written to ``adapter_config.json`` (the same as the original MixLoRA's)."""
+
+ROUTING_STRATEGIES = ("mixlora",)
+"""Accepted ``routing_strategy`` values: ``"mixlora"`` is softmax over all experts, top-k, renormalised.
+(The original also has ``"mixlora-dynamic"`` (top-p) and ``"mixlora-switch"``; they are not implemented yet.)"""
+
+EXPERT_FORWARDS = ("fused", "naive")
+"""Accepted ``expert_forward`` values, see :class:`~moe_zoo.peft.mixlora.layer.MixLoraFeedForward`."""
+
+EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout")
+
+
+@dataclass
+class MixLoraConfig(LoraConfig):
+    """Configuration of a MixLoRA adapter.
+
+    Every targeted FFN projection (``gate_proj`` / ``up_proj`` / ``down_proj``) turns its FFN into a mixture of
+    ``num_experts`` experts that share the frozen FFN and each add their own LoRA pair; every other targeted Linear
+    (``q_proj`` ... ``o_proj``) gets PEFT's plain LoRA. ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and
+    ``target_modules`` mean what they mean in ``LoraConfig``.
+
+    Args (beyond ``LoraConfig``'s):
+        num_experts: LoRA experts per FFN.
+        top_k: experts each token uses.
+        routing_strategy: one of :data:`ROUTING_STRATEGIES`.
+        router_aux_loss_coef: weight of the load-balancing loss (transformers' Mixtral form) added to the model's
+            loss when labels are given. The original's code default is 0.001, its README uses 0.01.
+        router_init_range: std of the normal init of the router weight.
+        jitter_noise: multiplies the router input by U(1-j, 1+j) in training only.
+        expert_lora: optional ``{"r", "lora_alpha", "lora_dropout"}`` overriding those values for the FFN experts
+            (attention LoRA keeps the top-level ones).
+        expert_forward: ``"fused"`` (frozen FFN once per token, LoRA deltas per routed pair; the default) or
+            ``"naive"`` (each expert runs the whole FFN; a slow reference for tests).
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "LoRA experts per FFN."})
+    top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
+    routing_strategy: str = field(default="mixlora", metadata={"help": f"One of {ROUTING_STRATEGIES}."})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
+    router_init_range: float = field(default=0.02, metadata={"help": "Std of the router weight's normal init."})
+    jitter_noise: float = field(default=0.0, metadata={"help": "Router input jitter U(1-j, 1+j), training only."})
+    expert_lora: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Overrides of r / lora_alpha / lora_dropout for the FFN experts."}
+    )
+    expert_forward: str = field(default="fused", metadata={"help": f"One of {EXPERT_FORWARDS}."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MIXLORA_PEFT_TYPE
+        self._validate_mixlora_fields()
+
+    def _validate_mixlora_fields(self) -> None:
+        if self.routing_strategy not in ROUTING_STRATEGIES:
+            raise ValueError(
+                f"`routing_strategy` is {self.routing_strategy!r}, but it must be one of {ROUTING_STRATEGIES}."
+            )
+        if self.expert_forward not in EXPERT_FORWARDS:
+            raise ValueError(f"`expert_forward` is {self.expert_forward!r}, but it must be one of {EXPERT_FORWARDS}.")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"`num_experts` must be a positive integer, got {self.num_experts!r}.")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"`top_k` must be an integer between 1 and `num_experts` ({self.num_experts}), got {self.top_k!r}."
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        if self.router_init_range <= 0:
+            raise ValueError(f"`router_init_range` must be > 0, got {self.router_init_range}.")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ValueError(f"`jitter_noise` must be in [0, 1), got {self.jitter_noise}.")
+        if self.use_dora:
+            raise ValueError("`use_dora=True` (MixDoRA) is not supported by moe-zoo's MixLoRA yet; use LoRA experts.")
+        if self.expert_lora is not None:
+            unknown = sorted(set(self.expert_lora) - set(EXPERT_LORA_KEYS))
+            if unknown:
+                raise ValueError(f"`expert_lora` has unknown keys {unknown}; allowed keys are {EXPERT_LORA_KEYS}.")
+            if int(self.expert_lora.get("r", self.r)) < 1:
+                raise ValueError(f"`expert_lora['r']` must be a positive integer, got {self.expert_lora['r']!r}.")
+
+    @property
+    def expert_r(self) -> int:
+        return int((self.expert_lora or {}).get("r", self.r))
+
+    @property
+    def expert_alpha(self) -> float:
+        return float((self.expert_lora or {}).get("lora_alpha", self.lora_alpha))
+
+    @property
+    def expert_dropout(self) -> float:
+        return float((self.expert_lora or {}).get("lora_dropout", self.lora_dropout))
+
+    @property
+    def expert_scaling(self) -> float:
+        """LoRA scaling of the experts: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
+        denominator = self.expert_r**0.5 if self.use_rslora else self.expert_r
+        return self.expert_alpha / denominator

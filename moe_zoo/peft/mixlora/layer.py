@@ -1,0 +1,227 @@
+"""The MixLoRA FFN: a frozen dense FFN shared by LoRA experts, with a top-k router.
+
+Expert ``e`` computes ``down_e(act(gate_e(x)) * up_e(x))`` with ``proj_e(x) = W x + s * B_e A_e dropout(x)`` (only the
+targeted projections get a LoRA pair). Two ways to compute the mixture ``sum_e w_e * expert_e(x)``:
+
+- ``"fused"`` (default): the frozen ``gate_proj`` / ``up_proj`` run once over all tokens, each routed (token, expert)
+  pair adds only its LoRA deltas, and the frozen ``down_proj`` runs once on the routing-weighted sum of the
+  activations. That is exact because ``down_proj`` is linear:
+  ``sum_e w_e (W_d h_e + B_e A_e h_e) = W_d (sum_e w_e h_e) + sum_e w_e B_e A_e h_e``.
+  The frozen FLOPs then equal the dense FFN's (the original runs ``down_proj`` once per expert).
+- ``"naive"``: every expert runs the whole FFN on its tokens; a slow reference the tests compare against.
+
+Both still loop over experts in Python; a grouped kernel would replace the loop, not the algebra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ...core.options import MoeOptions
+from ...core.recording import report_routing
+from ...core.routing import TopKRouter
+from .config import MixLoraConfig
+
+
+@dataclass(frozen=True)
+class FfnLayout:
+    """Where a dense FFN keeps its projections: ``input_projections`` read the token state, ``combine`` turns their
+    outputs into the hidden activation, ``output_projection`` maps it back. A new layout (Phi's ``fc1`` / ``fc2``:
+    inputs ``("fc1",)``, ``combine = act(h)``, output ``"fc2"``, whose bias the fused path must add once) is one
+    more entry in :data:`FFN_LAYOUTS`."""
+
+    name: str
+    input_projections: tuple[str, ...]
+    output_projection: str
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return self.input_projections + (self.output_projection,)
+
+
+GATED_FFN = FfnLayout("gate_proj/up_proj/down_proj (Llama, Qwen2, Mistral)", ("gate_proj", "up_proj"), "down_proj")
+FFN_LAYOUTS = (GATED_FFN,)
+
+
+def ffn_layout_of(module: nn.Module) -> FfnLayout | None:
+    """The supported layout ``module`` has (bias-free Linear projections and an ``act_fn``), or None."""
+    for layout in FFN_LAYOUTS:
+        linears = [getattr(module, name, None) for name in layout.projections]
+        if all(isinstance(p, nn.Linear) and p.bias is None for p in linears) and hasattr(module, "act_fn"):
+            return layout
+    return None
+
+
+class MixLoraRouter(TopKRouter):
+    """moe-zoo's top-k router with the selection bias left out of the checkpoint: MixLoRA never uses it (it stays
+    zero), and saving it would add a key that the original's format (``mlp.moe_gate.weight`` only) lacks."""
+
+    def __init__(self, config: MoeOptions, hidden_size: int):
+        super().__init__(config, hidden_size)
+        self.register_buffer("selection_bias", self.selection_bias, persistent=False)
+
+
+def _gated_combine(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor):
+    return act_fn(gate) * up
+
+
+class MixLoraFeedForward(nn.Module, BaseTunerLayer):
+    """Replaces a dense FFN (kept unchanged as ``base_layer``) with MixLoRA's mixture of LoRA experts.
+
+    Adapter tensors, each a dict keyed by adapter name as PEFT expects (saved without the adapter name):
+      - ``moe_gate``: the router (:class:`MixLoraRouter`, ``weight (E, hidden)`` kept in fp32,
+        logits computed in fp32, softmax over all experts, top-k, renormalised), saved as ``mlp.moe_gate.weight``
+        like the original;
+      - ``lora_A_<proj> (E, r, in)`` and ``lora_B_<proj> (E, out, r)`` for each targeted projection: expert ``j``'s
+        LoRA pair is ``[j]`` (the original saves it as ``mlp.<proj>.experts.<j>.lora_A.weight``).
+    The router reports its logits to :func:`~moe_zoo.core.recording.collect_routing`, which the tuner opens around
+    the forward to add the load-balancing loss.
+    """
+
+    adapter_layer_names = (
+        "moe_gate",
+        "lora_A_gate_proj",
+        "lora_B_gate_proj",
+        "lora_A_up_proj",
+        "lora_B_up_proj",
+        "lora_A_down_proj",
+        "lora_B_down_proj",
+    )
+    other_param_names = ("expert_dropout",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MixLoraConfig, targeted: set[str]):
+        super().__init__()
+        layout = ffn_layout_of(base_layer)
+        if layout is None:
+            raise ValueError(
+                f"{type(base_layer).__name__} is not an FFN layout MixLoRA supports; supported: "
+                f"{[layout.name for layout in FFN_LAYOUTS]} with bias-free projections and an `act_fn`."
+            )
+        self.base_layer = base_layer
+        self.layout = layout
+        self.hidden_size = getattr(base_layer, layout.output_projection).out_features
+        self.moe_gate = nn.ModuleDict()
+        for name in self.adapter_layer_names[1:]:
+            setattr(self, name, nn.ParameterDict())
+        self.expert_dropout = nn.ModuleDict()
+        self.expert_scaling: dict[str, float] = {}
+        self.targeted: dict[str, tuple[str, ...]] = {}
+        self.expert_forward: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name, config, targeted)
+        self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, config: MixLoraConfig, targeted: set[str]) -> None:
+        """Create the router and the experts' LoRA pairs of ``adapter_name`` (PEFT's init: A ~ U(+-1/sqrt(in)),
+        as ``kaiming_uniform_(a=sqrt(5))`` gives a Linear, and B = 0, so a fresh adapter computes the dense FFN)."""
+        unknown = sorted(set(targeted) - set(self.layout.projections))
+        if unknown:
+            raise ValueError(f"MixLoRA experts can target {self.layout.projections}, got {unknown}.")
+        device = getattr(self.base_layer, self.layout.output_projection).weight.device
+        options = MoeOptions(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.top_k,
+            router_type="softmax_topk",
+            norm_topk_prob=True,
+            router_jitter_noise=config.jitter_noise,
+        )
+        router = MixLoraRouter(options, self.hidden_size).to(device=device, dtype=torch.float32)
+        router.reset_parameters(config.router_init_range)
+        self.moe_gate[adapter_name] = router
+        r, num_experts = config.expert_r, config.num_experts
+        for name in targeted:
+            base = getattr(self.base_layer, name)
+            bound = 1.0 / math.sqrt(base.in_features)
+            lora_a = torch.empty(num_experts, r, base.in_features, device=device).uniform_(-bound, bound)
+            lora_b = torch.zeros(num_experts, base.out_features, r, device=device)
+            getattr(self, f"lora_A_{name}")[adapter_name] = nn.Parameter(lora_a)
+            getattr(self, f"lora_B_{name}")[adapter_name] = nn.Parameter(lora_b)
+        dropout = config.expert_dropout
+        self.expert_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.expert_scaling[adapter_name] = config.expert_scaling
+        self.targeted[adapter_name] = tuple(p for p in self.layout.projections if p in targeted)
+        self.expert_forward[adapter_name] = config.expert_forward
+
+    def merge(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "A MixLoRA FFN cannot be merged into the base weights: each token mixes a different set of LoRA experts "
+            "chosen by the router, so no single weight matrix computes it. Keep the adapter unmerged."
+        )
+
+    def unmerge(self) -> None:
+        """Nothing to undo: MixLoRA FFNs are never merged."""
+
+    def _lora_delta(self, adapter: str, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
+        """``s * B_e A_e dropout(x)`` (in the LoRA weights' dtype) for one targeted projection and expert, or None if
+        the projection is not targeted."""
+        if projection not in self.targeted[adapter]:
+            return None
+        lora_a = getattr(self, f"lora_A_{projection}")[adapter][expert]
+        lora_b = getattr(self, f"lora_B_{projection}")[adapter][expert]
+        x = self.expert_dropout[adapter](x).to(lora_a.dtype)
+        return (x @ lora_a.t()) @ lora_b.t() * self.expert_scaling[adapter]
+
+    def _projection(self, adapter: str, name: str, expert: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        delta = self._lora_delta(adapter, name, expert, x)
+        return base if delta is None else base + delta.to(base.dtype)
+
+    def _hidden(self, adapter: str, expert: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+        gate = self._projection(adapter, "gate_proj", expert, x, gate)
+        up = self._projection(adapter, "up_proj", expert, x, up)
+        return _gated_combine(self.base_layer.act_fn, gate, up)
+
+    def _fused(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        gate_all, up_all = base.gate_proj(x), base.up_proj(x)
+        mixed_hidden = torch.zeros_like(gate_all)
+        down_delta = torch.zeros_like(x)
+        for expert in range(self.moe_gate[adapter].num_experts):
+            tokens, slots = torch.where(indices == expert)
+            if tokens.numel() == 0:
+                continue
+            weight = weights[tokens, slots].unsqueeze(-1).to(x.dtype)
+            hidden = self._hidden(adapter, expert, x[tokens], gate_all[tokens], up_all[tokens])
+            mixed_hidden.index_add_(0, tokens, hidden * weight)
+            delta = self._lora_delta(adapter, "down_proj", expert, hidden)
+            if delta is not None:
+                down_delta.index_add_(0, tokens, delta.to(x.dtype) * weight)
+        return base.down_proj(mixed_hidden) + down_delta
+
+    def _naive(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        out = torch.zeros_like(x)
+        for expert in range(self.moe_gate[adapter].num_experts):
+            tokens, slots = torch.where(indices == expert)
+            if tokens.numel() == 0:
+                continue
+            weight = weights[tokens, slots].unsqueeze(-1).to(x.dtype)
+            x_e = x[tokens]
+            hidden = self._hidden(adapter, expert, x_e, base.gate_proj(x_e), base.up_proj(x_e))
+            y = self._projection(adapter, "down_proj", expert, hidden, base.down_proj(hidden))
+            out.index_add_(0, tokens, y * weight)
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = [a for a in self.active_adapters if a in self.moe_gate]
+        if self.disable_adapters or not adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        if len(adapters) > 1:
+            raise ValueError(f"MixLoRA runs one adapter at a time, but {adapters} are active; use set_adapter().")
+        adapter = adapters[0]
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        router = self.moe_gate[adapter]
+        logits, weights, indices = router(x)
+        report_routing(logits, indices, router)
+        mix = self._fused if self.expert_forward[adapter] == "fused" else self._naive
+        return mix(adapter, x, weights, indices).reshape(shape)
+
+    def __repr__(self) -> str:
+        return "mixlora." + super().__repr__()

@@ -1,0 +1,117 @@
+"""``MixLoraModel``: the PEFT tuner that turns targeted FFNs into MixLoRA FFNs and adds the router loss.
+
+It subclasses PEFT's ``LoraModel``: targeted attention projections go through LoRA's own code unchanged. Targeted FFN
+projections are only *recorded* while PEFT walks the model (replacing their FFN mid-walk would break PEFT's lookup of
+the sibling projections it has still to visit); once the walk is done, each recorded FFN is replaced by one
+:class:`~moe_zoo.peft.mixlora.layer.MixLoraFeedForward`.
+
+The load-balancing loss: :meth:`MixLoraModel.forward` opens :func:`~moe_zoo.core.recording.collect_routing` around
+the wrapped model, every MixLoRA FFN reports its router logits to it, and when ``labels`` are given the loss becomes
+``lm_loss + router_aux_loss_coef * aux`` with aux in transformers' Mixtral form
+(:func:`~moe_zoo.core.losses.switch_load_balancing_loss`, padding masked by ``attention_mask``). The unweighted aux
+loss is returned as ``outputs.aux_loss``. ``PeftModelForCausalLM.forward`` calls this forward, so a ``Trainer``
+optimises the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraModel
+from peft.tuners.tuners_utils import _get_submodules
+from torch import nn
+
+from ...core.losses import switch_load_balancing_loss
+from ...core.recording import collect_routing
+from .config import MixLoraConfig
+from .layer import MixLoraFeedForward, ffn_layout_of
+
+MIXLORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The original's template targets every attention and FFN projection."""
+
+
+class MixLoraModel(LoraModel):
+    """PEFT tuner of MixLoRA (registered as PEFT type ``"MIXLORA"`` by :mod:`moe_zoo.peft.registration`)."""
+
+    prefix: str = "lora_"
+    target_module_mapping = {
+        "llama": MIXLORA_DEFAULT_TARGETS,
+        "mistral": MIXLORA_DEFAULT_TARGETS,
+        "qwen2": MIXLORA_DEFAULT_TARGETS,
+    }
+
+    def _check_new_adapter_config(self, config: MixLoraConfig) -> None:
+        if not isinstance(config, MixLoraConfig):
+            raise ValueError(f"MixLoraModel needs a MixLoraConfig, got {type(config).__name__}.")
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "moe-zoo's MixLoRA supports one adapter per model; this model already has "
+                f"{[name for name in self.peft_config if self.peft_config[name] is not config]}."
+            )
+        super()._check_new_adapter_config(config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        self._pending_ffn_targets: dict[str, set[str]] = {}
+        super().inject_adapter(model, adapter_name, **kwargs)
+        config = self.peft_config[adapter_name]
+        for ffn_key, targeted in self._pending_ffn_targets.items():
+            parent, ffn, ffn_name = _get_submodules(model, ffn_key)
+            setattr(parent, ffn_name, MixLoraFeedForward(ffn, adapter_name, config, targeted))
+        self._pending_ffn_targets = {}
+        # PEFT froze and activated adapters before the FFNs existed; do it again now that they do.
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+
+    def _create_and_replace(
+        self, lora_config, adapter_name, target, target_name, parent, current_key, *, parameter_name=None
+    ) -> None:
+        layout = ffn_layout_of(parent)
+        if parameter_name is None and layout is not None and target_name in layout.projections:
+            ffn_key = current_key.rpartition(".")[0]
+            self._pending_ffn_targets.setdefault(ffn_key, set()).add(target_name)
+            return
+        if target_name in ("fc1", "fc2", "gate_up_proj"):
+            raise ValueError(
+                f"`{current_key}` is an FFN projection of a layout MixLoRA does not support yet (Phi's fc1/fc2, "
+                "Phi-3's gate_up_proj); supported: gate_proj/up_proj/down_proj without biases. Remove it from "
+                "`target_modules` to train only the other projections."
+            )
+        super()._create_and_replace(
+            lora_config, adapter_name, target, target_name, parent, current_key, parameter_name=parameter_name
+        )
+
+    def forward(self, *args: Any, **kwargs: Any):
+        labels = kwargs.get("labels")
+        with collect_routing() as records:
+            outputs = self.model(*args, **kwargs)
+        if not records:
+            return outputs
+        config = self.peft_config[self.active_adapters[0]]
+        mask = kwargs.get("attention_mask")
+        token_mask = mask.reshape(-1) if mask is not None and mask.dim() == 2 else None
+        aux = switch_load_balancing_loss([r.logits for r in records], config.num_experts, config.top_k, token_mask)
+        if isinstance(outputs, tuple):
+            if labels is not None and config.router_aux_loss_coef:
+                outputs = (outputs[0] + config.router_aux_loss_coef * aux.to(outputs[0].dtype),) + outputs[1:]
+            return outputs
+        if labels is not None and outputs.get("loss") is not None and config.router_aux_loss_coef:
+            outputs["loss"] = outputs["loss"] + config.router_aux_loss_coef * aux.to(outputs["loss"].dtype)
+        outputs["aux_loss"] = aux
+        return outputs
+
+    def _merge_error(self) -> NotImplementedError:
+        return NotImplementedError(
+            "MixLoRA adapters cannot be merged: each token mixes a different set of LoRA experts chosen by the "
+            "router, so no single weight matrix computes the FFN. Keep the adapter unmerged (PeftModel works for "
+            "inference and generate as is)."
+        )
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise self._merge_error()
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        raise self._merge_error()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("add_weighted_adapter is not supported for MixLoRA adapters.")

@@ -1,0 +1,192 @@
+"""MixLoRA's behaviour: it reduces to PEFT's LoRA with one expert, the fused path equals the naive one, the router
+loss reaches the model's loss, merging is refused and bad configs are rejected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft_test_models import ATTENTION, FFN, batch, randomize_lora_b, tiny_causal_lm
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+import moe_zoo  # noqa: F401  (registers MIXLORA)
+from moe_zoo.core import collect_routing
+from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward
+
+
+def mixlora(**overrides) -> MixLoraConfig:
+    values = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
+    values.update(overrides)
+    return MixLoraConfig(**values)
+
+
+def ffns(model) -> list[MixLoraFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MixLoraFeedForward)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_expert_equals_peft_lora_with_the_same_weights(arch):
+    targets = ["q_proj", "v_proj"] + FFN
+    lora = get_peft_model(tiny_causal_lm(arch), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize_lora_b(lora)
+    mix = get_peft_model(tiny_causal_lm(arch), mixlora(num_experts=1, top_k=1, target_modules=targets))
+    with torch.no_grad():
+        for name, module in lora.named_modules():
+            if name.endswith(("gate_proj", "up_proj", "down_proj")) and hasattr(module, "lora_A"):
+                ffn_name, _, proj = name.rpartition(".")
+                ffn = mix.get_submodule(ffn_name)
+                getattr(ffn, f"lora_A_{proj}")["default"][0].copy_(module.lora_A["default"].weight)
+                getattr(ffn, f"lora_B_{proj}")["default"][0].copy_(module.lora_B["default"].weight)
+            elif name.endswith(("q_proj", "v_proj")) and hasattr(module, "lora_A"):
+                mix.get_submodule(name).lora_A["default"].weight.copy_(module.lora_A["default"].weight)
+                mix.get_submodule(name).lora_B["default"].weight.copy_(module.lora_B["default"].weight)
+    inputs = batch()
+    with torch.no_grad():
+        expected = lora(**inputs).logits
+        got = mix(**inputs).logits
+        base = lora.get_base_model()
+        with lora.disable_adapter():
+            untouched = base(**inputs).logits
+    assert len(ffns(mix)) == 2
+    assert (expected - untouched).abs().max() > 1e-2, "the LoRA weights should change the logits"
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_fresh_adapter_computes_the_base_model():
+    """B = 0 at init and the top-k weights sum to 1, so a new MixLoRA model is the dense model."""
+    base = tiny_causal_lm()
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        got = get_peft_model(base, mixlora()).eval()(**inputs).logits
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def _fused_and_naive_pair(arch: str):
+    fused = get_peft_model(tiny_causal_lm(arch), mixlora(expert_forward="fused"))
+    randomize_lora_b(fused)
+    with torch.no_grad():  # a router that separates tokens more than the 0.02 init does
+        for ffn in ffns(fused):
+            ffn.moe_gate["default"].weight.normal_(0.0, 1.0)
+    naive = get_peft_model(tiny_causal_lm(arch), mixlora(expert_forward="naive"))
+    set_peft_model_state_dict(naive, get_peft_model_state_dict(fused))
+    for a, b in zip(get_peft_model_state_dict(fused).values(), get_peft_model_state_dict(naive).values(), strict=True):
+        assert torch.equal(a, b)
+    return fused, naive
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_forward_equals_naive_in_outputs_and_gradients(arch):
+    fused, naive = _fused_and_naive_pair(arch)
+    assert {ffn.expert_forward["default"] for ffn in ffns(fused)} == {"fused"}
+    assert {ffn.expert_forward["default"] for ffn in ffns(naive)} == {"naive"}
+    inputs = batch(batch_size=3, length=11)
+    results = []
+    for model in (fused, naive):
+        model.train()
+        with collect_routing() as records:
+            out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), out.loss.detach(), grads, records))
+    (logits_f, loss_f, grads_f, records), (logits_n, loss_n, grads_n, _) = results
+    chosen = torch.cat([r.indices.reshape(-1) for r in records])
+    assert chosen.unique().numel() == 4, "the test needs tokens routed to every expert"
+    assert (logits_f - logits_n).abs().max() <= 1e-5
+    assert (loss_f - loss_n).abs() <= 1e-5
+    assert grads_f.keys() == grads_n.keys()
+    assert any("lora_B_down_proj" in name for name in grads_f) and any("moe_gate" in name for name in grads_f)
+    for name, grad in grads_f.items():
+        assert (grad - grads_n[name]).abs().max() <= 1e-5, name
+        assert grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_aux_loss_is_added_to_the_loss_and_masks_padding():
+    coef = 0.5
+    model, _ = _fused_and_naive_pair("llama")
+    without = get_peft_model(tiny_causal_lm(), mixlora(router_aux_loss_coef=0.0))
+    set_peft_model_state_dict(without, get_peft_model_state_dict(model))
+    model.peft_config["default"].router_aux_loss_coef = coef
+    inputs = batch()
+    inputs["attention_mask"][0, :3] = 0  # left padding in the first row
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad(), collect_routing() as records:
+        out = model(**inputs, labels=labels)
+    with torch.no_grad():
+        lm_only = without(**inputs, labels=labels)
+    expected_aux = load_balancing_loss_func(tuple(r.logits for r in records), 4, 2, inputs["attention_mask"])
+    unmasked_aux = load_balancing_loss_func(tuple(r.logits for r in records), 4, 2, None)
+    assert len(records) == 2
+    assert (unmasked_aux - expected_aux).abs() > 1e-4, "padding should change the aux loss in this test"
+    assert torch.allclose(out.aux_loss, expected_aux, atol=1e-6)
+    assert torch.allclose(out.loss, lm_only.loss + coef * expected_aux, atol=1e-6)
+    with torch.no_grad():
+        no_labels = model(**inputs)
+    assert no_labels.loss is None and torch.allclose(no_labels.aux_loss, expected_aux, atol=1e-6)
+
+
+def test_only_adapter_weights_train():
+    model = get_peft_model(tiny_causal_lm(), mixlora(target_modules=["q_proj", "up_proj"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("mlp.moe_gate.default.weight") for n in trainable)
+    assert any(n.endswith("mlp.lora_A_up_proj.default") for n in trainable)
+    assert not any("base_layer" in n or "embed_tokens" in n or "lm_head" in n for n in trainable)
+    assert all(ffn.targeted["default"] == ("up_proj",) for ffn in ffns(model))
+
+
+def test_expert_lora_overrides_expert_rank_only():
+    model = get_peft_model(tiny_causal_lm(), mixlora(expert_lora={"r": 2, "lora_alpha": 6}))
+    ffn = ffns(model)[0]
+    assert ffn.lora_A_gate_proj["default"].shape == (4, 2, 32)
+    assert ffn.lora_B_down_proj["default"].shape == (4, 32, 2)
+    assert ffn.expert_scaling["default"] == 3.0
+    assert model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").lora_A["default"].out_features == 4
+
+
+def test_merging_is_refused_with_a_clear_error():
+    model = get_peft_model(tiny_causal_lm(), mixlora())
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        model.merge_and_unload()
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        model.merge_adapter()
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        ffns(model)[0].merge()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"routing_strategy": "mixlora-dynamic"}, r"must be one of \('mixlora',\)"),
+        ({"top_k": 5}, "between 1 and `num_experts`"),
+        ({"num_experts": 0}, "positive integer"),
+        ({"expert_forward": "grouped"}, "fused"),
+        ({"expert_lora": {"rank": 2}}, "allowed keys"),
+        ({"use_dora": True}, "not supported"),
+    ],
+)
+def test_bad_configs_raise_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        mixlora(**overrides)
+
+
+def test_unknown_target_module_raises_value_error():
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(tiny_causal_lm(), mixlora(target_modules=["w_gate"]))
+
+
+def test_disable_adapter_gives_the_base_model_and_generate_runs():
+    base = tiny_causal_lm()
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = get_peft_model(base, mixlora())
+    randomize_lora_b(model)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            disabled = model(**inputs).logits
+        generated = model.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=3, do_sample=False)
+    assert (adapted - expected).abs().max() > 1e-2
+    assert torch.equal(disabled, expected)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A_gate_proj" in n)

@@ -1,0 +1,104 @@
+"""MIXLORA is a PEFT type after ``import moe_zoo``: create, save, reload (PeftModel and AutoPeftModel)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from peft import mapping as peft_mapping
+from peft_test_models import ATTENTION, FFN, batch, randomize_lora_b, tiny_causal_lm
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import moe_zoo  # noqa: F401  (registers MIXLORA)
+from moe_zoo.peft import MixLoraConfig, MixLoraModel
+from moe_zoo.peft.registration import PEFT_TABLES, peft_tables, register_peft_methods
+
+
+def test_peft_still_has_the_tables_we_register_into():
+    """Fails loudly when a PEFT release renames or retypes the dispatch dicts registration.py writes to."""
+    tables = peft_tables()
+    assert set(tables) == set(PEFT_TABLES)
+    assert tables["PEFT_TYPE_TO_CONFIG_MAPPING"]["LORA"].__name__ == "LoraConfig"
+    assert tables["PEFT_TYPE_TO_TUNER_MAPPING"]["LORA"].__name__ == "LoraModel"
+    assert tables["PEFT_TYPE_TO_PREFIX_MAPPING"]["LORA"] == "lora_"
+    # The modules that dispatch must share these very dict objects (they import them by name).
+    from peft import peft_model
+    from peft.utils import save_and_load
+
+    assert peft_model.PEFT_TYPE_TO_TUNER_MAPPING is peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING
+    assert peft_model.PEFT_TYPE_TO_CONFIG_MAPPING is peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+    assert save_and_load.PEFT_TYPE_TO_TUNER_MAPPING is peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING
+
+
+def test_import_registers_mixlora_idempotently():
+    register_peft_methods()
+    assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING["MIXLORA"] is MixLoraConfig
+    assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING["MIXLORA"] is MixLoraModel
+    assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING["MIXLORA"] == MixLoraModel.prefix
+
+
+def _mixlora_config(**overrides) -> MixLoraConfig:
+    values = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
+    values.update(overrides)
+    return MixLoraConfig(**values)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_save_and_reload_gives_identical_logits(tmp_path, arch):
+    base_dir = tmp_path / "base"
+    tiny_causal_lm(arch).save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(), _mixlora_config())
+    randomize_lora_b(model)
+    inputs = batch()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "MIXLORA"
+    assert (saved["num_experts"], saved["top_k"], saved["routing_strategy"]) == (4, 2, "mixlora")
+    keys = load_file(adapter_dir / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.mlp.moe_gate.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.lora_A_down_proj" in keys
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert not any("selection_bias" in key for key in keys), "the unused router bias should not be saved"
+    assert not any("default" in key for key in keys), "adapter name leaked into the saved keys"
+    assert not any("base_layer" in key for key in keys), "frozen base weights were saved with the adapter"
+
+    assert isinstance(PeftConfig.from_pretrained(adapter_dir), MixLoraConfig)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).eval(), adapter_dir)
+    assert isinstance(reloaded.base_model, MixLoraModel)
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, expected)
+        assert torch.equal(auto(**inputs).logits, expected)
+
+
+def test_adapter_can_be_loaded_under_another_name(tmp_path):
+    model = get_peft_model(tiny_causal_lm(), _mixlora_config())
+    randomize_lora_b(model)
+    inputs = batch()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm(), tmp_path, adapter_name="mine")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, expected)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "mixlora.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/mixlora.md", "exec"), {"__name__": "__docs__"})
+    assert (tmp_path / "mixlora-adapter" / "adapter_model.safetensors").is_file()
