@@ -166,3 +166,35 @@ def test_unsupported_options_raise_value_error_naming_them(tmp_path, change, mes
     save_original(tmp_path, {**original_config(), **change}, original_weights())
     with pytest.raises(ValueError, match=message):
         load_mixlora_adapter(tiny_causal_lm(), tmp_path)
+
+
+def test_expert_lora_overrides_are_placed_and_survive_export(tmp_path):
+    """``expert_lora`` as the package writes it (it copies bias, task_type ... in too): the experts get its rank, the
+    attention LoRA keeps the top-level one. (The package's own inject ignores ``expert_lora``, so only ours runs.)"""
+    expert_r = 2
+    expert_lora = {"bias": "none", "task_type": "CAUSAL_LM", "r": expert_r, "lora_alpha": 6, "lora_dropout": 0.1}
+    config = {**original_config(), "expert_lora": expert_lora}
+    weights = original_weights()
+    for key in [k for k in weights if ".experts." in k]:
+        weights[key] = weights[key][:expert_r] if key.endswith("lora_A.weight") else weights[key][:, :expert_r]
+    save_original(tmp_path / "original", config, weights)
+    model = load_mixlora_adapter(tiny_causal_lm(), tmp_path / "original")
+    ffn = model.base_model.model.model.layers[1].mlp
+    assert torch.equal(
+        ffn.lora_B_down_proj["default"][3], weights["mixlora.layers.1.mlp.down_proj.experts.3.lora_B.weight"]
+    )
+    assert ffn.expert_scaling["default"] == 6 / expert_r
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == R
+    export_mixlora_adapter(model, tmp_path / "exported")
+    again = load_mixlora_adapter(tiny_causal_lm(), tmp_path / "exported")
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_shape_mismatch_raises_value_error_naming_the_key(tmp_path):
+    weights = original_weights()
+    weights["mixlora.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(R + 1, HIDDEN)
+    save_original(tmp_path, original_config(), weights)
+    with pytest.raises(
+        ValueError, match=r"mixlora\.layers\.0\.self_attn\.q_proj\.lora_A\.weight gives shape \(5, 32\)"
+    ):
+        load_mixlora_adapter(tiny_causal_lm(), tmp_path)
