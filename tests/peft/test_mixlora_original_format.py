@@ -46,9 +46,7 @@ def original_config() -> dict:
         top_k=TOP_K,
         act_fn="silu",
     )
-    exported = mixlora.MixLoraConfig.from_config(raw).export()
-    exported["act_fn"] = "silu"  # export() drops nothing else; act_fn is kept as a str as the package writes it
-    return exported
+    return mixlora.MixLoraConfig.from_config(raw).export()
 
 
 def original_weights(seed: int = 0) -> dict[str, torch.Tensor]:
