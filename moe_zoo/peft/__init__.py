@@ -1,6 +1,21 @@
 """LoRA-expert PEFT methods. Importing this package registers them with PEFT (see :mod:`.registration`)."""
 
-from .mixlora import MixLoraConfig, MixLoraFeedForward, MixLoraModel
+from .mixlora import (
+    MixLoraConfig,
+    MixLoraFeedForward,
+    MixLoraModel,
+    export_mixlora_adapter,
+    is_original_mixlora_adapter,
+    load_mixlora_adapter,
+)
 from .registration import register_peft_methods
 
-__all__ = ["MixLoraConfig", "MixLoraFeedForward", "MixLoraModel", "register_peft_methods"]
+__all__ = [
+    "MixLoraConfig",
+    "MixLoraFeedForward",
+    "MixLoraModel",
+    "export_mixlora_adapter",
+    "is_original_mixlora_adapter",
+    "load_mixlora_adapter",
+    "register_peft_methods",
+]

@@ -3,6 +3,7 @@
 from .config import EXPERT_FORWARDS, MIXLORA_PEFT_TYPE, ROUTING_STRATEGIES, MixLoraConfig
 from .layer import FFN_LAYOUTS, MixLoraFeedForward
 from .model import MixLoraModel
+from .original_format import export_mixlora_adapter, is_original_mixlora_adapter, load_mixlora_adapter
 
 __all__ = [
     "EXPERT_FORWARDS",
@@ -12,4 +13,7 @@ __all__ = [
     "MixLoraConfig",
     "MixLoraFeedForward",
     "MixLoraModel",
+    "export_mixlora_adapter",
+    "is_original_mixlora_adapter",
+    "load_mixlora_adapter",
 ]
