@@ -133,6 +133,9 @@ def test_our_own_format_still_loads_with_peft_and_is_told_apart(tmp_path):
     assert torch.equal(logits(reloaded), logits(ours))
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
         load_mixlora_adapter(tiny_causal_lm(), tmp_path / "ours")
+    # The other way round, PEFT's own loader would leave the experts random; it refuses and names the right loader.
+    with pytest.raises(ValueError, match="load_mixlora_adapter"):
+        PeftModel.from_pretrained(tiny_causal_lm(), tmp_path / "original")
 
 
 def test_unknown_key_raises_value_error_naming_it(tmp_path):

@@ -7,6 +7,7 @@ layers and every LoRA option behaves as users expect; only ``peft_type`` changes
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,21 @@ class MixLoraConfig(LoraConfig):
         default=None, metadata={"help": "Overrides of r / lora_alpha / lora_dropout for the FFN experts."}
     )
     expert_forward: str = field(default="fused", metadata={"help": f"One of {EXPERT_FORWARDS}."})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, refusing a folder saved by the original ``mixlora`` package: both formats say
+        ``peft_type: MIXLORA``, and PEFT would load the original's per-expert keys as "missing" and leave the experts
+        randomly initialised with only a warning."""
+        from .original_format import is_original_mixlora_adapter
+
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        if os.path.isdir(folder) and is_original_mixlora_adapter(folder):
+            raise ValueError(
+                f"{folder} holds an adapter saved by the original `mixlora` package (adapter_model.bin with per-expert "
+                "keys), not moe-zoo's format; load it with moe_zoo.peft.load_mixlora_adapter(base_model, path)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def __post_init__(self) -> None:
         super().__post_init__()
