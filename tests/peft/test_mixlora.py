@@ -156,7 +156,7 @@ def test_merging_is_refused_with_a_clear_error():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"routing_strategy": "mixlora-dynamic"}, r"must be one of \('mixlora',\)"),
+        ({"routing_strategy": "mixlora-top-any"}, r"must be one of \(.mixlora., .mixlora-dynamic."),
         ({"top_k": 5}, "between 1 and `num_experts`"),
         ({"num_experts": 0}, "positive integer"),
         ({"expert_forward": "grouped"}, "fused"),

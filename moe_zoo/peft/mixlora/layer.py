@@ -23,9 +23,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...core.capacity import drop_over_capacity
 from ...core.options import MoeOptions
 from ...core.recording import report_routing
-from ...core.routing import TopKRouter
+from ...core.routing import Router, RouterOutput, TopKRouter, TopPRouter
 from .config import MixLoraConfig
 
 
@@ -58,13 +59,60 @@ def ffn_layout_of(module: nn.Module) -> FfnLayout | None:
     return None
 
 
+def _keep_selection_bias_out_of_checkpoint(router: Router) -> None:
+    """MixLoRA never uses the core routers' selection bias (it stays zero); saving it would add a key that the
+    original's format (``mlp.moe_gate.weight`` only) lacks, so it becomes a non-persistent buffer."""
+    router.register_buffer("selection_bias", router.selection_bias, persistent=False)
+
+
 class MixLoraRouter(TopKRouter):
-    """moe-zoo's top-k router with the selection bias left out of the checkpoint: MixLoRA never uses it (it stays
-    zero), and saving it would add a key that the original's format (``mlp.moe_gate.weight`` only) lacks."""
+    """moe-zoo's top-k router, saved as its weight only (``"mixlora"``)."""
 
     def __init__(self, config: MoeOptions, hidden_size: int):
         super().__init__(config, hidden_size)
-        self.register_buffer("selection_bias", self.selection_bias, persistent=False)
+        _keep_selection_bias_out_of_checkpoint(self)
+
+
+class MixLoraTopPRouter(TopPRouter):
+    """moe-zoo's top-p router, saved as its weight only (``"mixlora-dynamic"``). Rows are padded with the sentinel
+    index ``E`` (weight 0) where a token uses fewer experts than the widest row; the FFN skips them."""
+
+    def __init__(self, config: MoeOptions, hidden_size: int):
+        super().__init__(config, hidden_size)
+        _keep_selection_bias_out_of_checkpoint(self)
+
+
+class MixLoraSwitchRouter(MixLoraRouter):
+    """Top-1 router with a fixed per-expert capacity (``"mixlora-switch"``): the core's top-k router with k = 1 and
+    the softmax probability as weight (not renormalised, so the router gets a gradient), then the core's
+    :func:`~moe_zoo.core.capacity.drop_over_capacity` sends each expert's tokens beyond ``capacity`` (in token order)
+    to the sentinel index ``E`` with weight 0: they get no expert output, only the residual carries them."""
+
+    def __init__(self, config: MoeOptions, hidden_size: int, capacity: int):
+        super().__init__(config, hidden_size)
+        self.capacity = capacity
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
+        logits, weights, indices = super().forward(hidden_states)
+        indices, weights = drop_over_capacity(indices, weights, self.num_experts, self.capacity, renormalize=False)
+        return logits, weights, indices
+
+
+def build_router(config: MixLoraConfig, hidden_size: int) -> Router:
+    """The router of ``config.routing_strategy``, built from the core's routers (weights not yet initialised)."""
+    options = MoeOptions(
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.experts_per_token,
+        router_type="top_p" if config.routing_strategy == "mixlora-dynamic" else "softmax_topk",
+        norm_topk_prob=config.routing_strategy == "mixlora",
+        router_jitter_noise=config.jitter_noise,
+        top_p_threshold=config.top_p,
+    )
+    if config.routing_strategy == "mixlora-dynamic":
+        return MixLoraTopPRouter(options, hidden_size)
+    if config.routing_strategy == "mixlora-switch":
+        return MixLoraSwitchRouter(options, hidden_size, config.expert_capacity)
+    return MixLoraRouter(options, hidden_size)
 
 
 def _gated_combine(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor):
@@ -75,9 +123,9 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
     """Replaces a dense FFN (kept unchanged as ``base_layer``) with MixLoRA's mixture of LoRA experts.
 
     Adapter tensors, each a dict keyed by adapter name as PEFT expects (saved without the adapter name):
-      - ``moe_gate``: the router (:class:`MixLoraRouter`, ``weight (E, hidden)`` kept in fp32,
-        logits computed in fp32, softmax over all experts, top-k, renormalised), saved as ``mlp.moe_gate.weight``
-        like the original;
+      - ``moe_gate``: the router of the routing strategy (:func:`build_router`; ``weight (E, hidden)`` kept in
+        fp32, logits computed in fp32), saved as ``mlp.moe_gate.weight`` like the original. Index ``E`` in its
+        output is an empty slot (top-p padding, a token dropped over capacity) and no expert runs for it;
       - ``lora_A_<proj> (E, r, in)`` and ``lora_B_<proj> (E, out, r)`` for each targeted projection: expert ``j``'s
         LoRA pair is ``[j]`` (the original saves it as ``mlp.<proj>.experts.<j>.lora_A.weight``).
     The router reports its logits to :func:`~moe_zoo.core.recording.collect_routing`, which the tuner opens around
@@ -125,14 +173,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         if unknown:
             raise ValueError(f"MixLoRA experts can target {self.layout.projections}, got {unknown}.")
         device = getattr(self.base_layer, self.layout.output_projection).weight.device
-        options = MoeOptions(
-            num_experts=config.num_experts,
-            num_experts_per_tok=config.top_k,
-            router_type="softmax_topk",
-            norm_topk_prob=True,
-            router_jitter_noise=config.jitter_noise,
-        )
-        router = MixLoraRouter(options, self.hidden_size).to(device=device, dtype=torch.float32)
+        router = build_router(config, self.hidden_size).to(device=device, dtype=torch.float32)
         router.reset_parameters(config.router_init_range)
         self.moe_gate[adapter_name] = router
         r, num_experts = config.expert_r, config.num_experts
@@ -182,6 +223,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         gate_all, up_all = base.gate_proj(x), base.up_proj(x)
         mixed_hidden = torch.zeros_like(gate_all)
         down_delta = torch.zeros_like(x)
+        # Only 0..E-1 are visited: the sentinel index E (an empty slot) never runs an expert.
         for expert in range(self.moe_gate[adapter].num_experts):
             tokens, slots = torch.where(indices == expert)
             if tokens.numel() == 0:
@@ -197,6 +239,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
     def _naive(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         out = torch.zeros_like(x)
+        # Only 0..E-1 are visited: the sentinel index E (an empty slot) never runs an expert.
         for expert in range(self.moe_gate[adapter].num_experts):
             tokens, slots = torch.where(indices == expert)
             if tokens.numel() == 0:

@@ -9,8 +9,10 @@ The load-balancing loss: :meth:`MixLoraModel.forward` opens :func:`~moe_zoo.core
 the wrapped model, every MixLoRA FFN reports its router logits to it, and when ``labels`` are given the loss becomes
 ``lm_loss + router_aux_loss_coef * aux`` with aux in transformers' Mixtral form
 (:func:`~moe_zoo.core.losses.switch_load_balancing_loss`, padding masked by ``attention_mask``). The unweighted aux
-loss is returned as ``outputs.aux_loss``. ``PeftModelForCausalLM.forward`` calls this forward, so a ``Trainer``
-optimises the sum.
+loss is returned as ``outputs.aux_loss``. With ``router_z_loss_coef`` > 0 (the default of ``"mixlora-switch"``) the
+loss also gets ``router_z_loss_coef * z`` with ``z`` ST-MoE's z-loss (:func:`~moe_zoo.core.losses.router_z_loss`,
+mean over layers), returned as ``outputs.z_loss``. ``PeftModelForCausalLM.forward`` calls this forward, so a
+``Trainer`` optimises the sum.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from peft import LoraModel
 from peft.tuners.tuners_utils import _get_submodules
 from torch import nn
 
-from ...core.losses import switch_load_balancing_loss
+from ...core.losses import router_z_loss, switch_load_balancing_loss
 from ...core.recording import collect_routing
 from .config import MixLoraConfig
 from .layer import MixLoraFeedForward, ffn_layout_of
@@ -90,14 +92,20 @@ class MixLoraModel(LoraModel):
         config = self.peft_config[self.active_adapters[0]]
         mask = kwargs.get("attention_mask")
         token_mask = mask.reshape(-1) if mask is not None and mask.dim() == 2 else None
-        aux = switch_load_balancing_loss([r.logits for r in records], config.num_experts, config.top_k, token_mask)
+        logits = [r.logits for r in records]
+        aux = switch_load_balancing_loss(logits, config.num_experts, config.experts_per_token, token_mask)
+        z_loss = sum(router_z_loss(layer, token_mask) for layer in logits) / len(logits)
+        router_loss = config.router_aux_loss_coef * aux + config.router_z_loss_coef * z_loss
+        add_router_loss = labels is not None and (config.router_aux_loss_coef or config.router_z_loss_coef)
         if isinstance(outputs, tuple):
-            if labels is not None and config.router_aux_loss_coef:
-                outputs = (outputs[0] + config.router_aux_loss_coef * aux.to(outputs[0].dtype),) + outputs[1:]
+            if add_router_loss:
+                outputs = (outputs[0] + router_loss.to(outputs[0].dtype),) + outputs[1:]
             return outputs
-        if labels is not None and outputs.get("loss") is not None and config.router_aux_loss_coef:
-            outputs["loss"] = outputs["loss"] + config.router_aux_loss_coef * aux.to(outputs["loss"].dtype)
+        if add_router_loss and outputs.get("loss") is not None:
+            outputs["loss"] = outputs["loss"] + router_loss.to(outputs["loss"].dtype)
         outputs["aux_loss"] = aux
+        if config.router_z_loss_coef:
+            outputs["z_loss"] = z_loss
         return outputs
 
     def _merge_error(self) -> NotImplementedError:

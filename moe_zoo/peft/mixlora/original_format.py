@@ -54,6 +54,11 @@ _TRAINING_KEYS = ("router_aux_loss_coef", "router_init_range", "jitter_noise")
 _KNOWN_KEYS = set(_REQUIRED_KEYS) | set(_IGNORED_KEYS) | set(_TRAINING_KEYS)
 _KNOWN_KEYS |= {"top_k", "use_rslora", "use_dora", "act_fn", "expert_lora", "router_loss"}
 _EXPERT_LORA_OVERRIDES = ("r", "lora_alpha", "lora_dropout")
+ORIGINAL_FORMAT_STRATEGIES = ("mixlora",)
+"""Strategies this interop loads and exports. ``"mixlora-dynamic"`` and ``"mixlora-switch"`` are refused: the
+original's ``export()`` does not write ``top_p`` / ``temperature`` / ``expert_capacity``, and its switch and top-p
+details (weights, capacity order, temperature) are not checked against the package, so a converted adapter could
+silently compute something else."""
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _STACKED_KEY = re.compile(r"^mlp\.lora_(?P<ab>[AB])_(?P<proj>\w+)$")
@@ -89,10 +94,10 @@ def _check_original_config(raw: Mapping[str, Any]) -> None:
         )
     if raw["peft_type"] != MIXLORA_PEFT_TYPE:
         raise ValueError(f"`peft_type` is {raw['peft_type']!r}, expected {MIXLORA_PEFT_TYPE!r}.")
-    if raw["routing_strategy"] not in ROUTING_STRATEGIES:
+    if raw["routing_strategy"] not in ORIGINAL_FORMAT_STRATEGIES:
         raise ValueError(
-            f"`routing_strategy` {raw['routing_strategy']!r} is not implemented in moe-zoo; supported: "
-            f"{ROUTING_STRATEGIES}."
+            f"`routing_strategy` {raw['routing_strategy']!r} is not supported for original-format adapters; "
+            f"supported: {ORIGINAL_FORMAT_STRATEGIES} (moe-zoo's own format has {ROUTING_STRATEGIES})."
         )
     if raw.get("bias", "none") != "none":
         raise ValueError(f"`bias` is {raw['bias']!r}; only 'none' is supported (the original writes 'none').")
@@ -247,6 +252,11 @@ def _original_config(config: MixLoraConfig, hidden_act: str | None) -> dict[str,
         raise ValueError(f"`lora_alpha` is {config.lora_alpha}; the original requires an integer.")
     if config.lora_dropout <= 0:
         raise ValueError(f"`lora_dropout` is {config.lora_dropout}; the original's LoraLinear asserts it is > 0.")
+    if config.routing_strategy not in ORIGINAL_FORMAT_STRATEGIES:
+        raise ValueError(
+            f"`routing_strategy` is {config.routing_strategy!r}; only {ORIGINAL_FORMAT_STRATEGIES} can be exported "
+            "to the original format (its config would lose top_p / expert_capacity); save with save_pretrained."
+        )
     raw: dict[str, Any] = {
         "bias": "none",
         "peft_type": MIXLORA_PEFT_TYPE,
