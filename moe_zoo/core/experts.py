@@ -14,6 +14,8 @@ decorated ``GatedExperts`` / ``PlainExperts`` below are for using the core on it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +28,39 @@ GATED_LAYOUT: dict[str, bool] = {}
 """Keyword arguments of ``use_experts_implementation`` for :class:`GatedExpertsBase` (the defaults)."""
 PLAIN_LAYOUT: dict[str, bool] = {"has_gate": False, "has_bias": True}
 """Keyword arguments of ``use_experts_implementation`` for :class:`PlainExpertsBase`."""
+
+
+@dataclass
+class ExpertGroups:
+    """The routed (token, slot) pairs of a ``(tokens, k)`` expert-index tensor, sorted by expert with one stable sort.
+
+    ``pairs`` are flat indices into the index tensor (``token * k + slot``), ``tokens`` their token rows, both in
+    expert order (tokens ascending within an expert); ``counts[e]`` is how many pairs expert ``e`` got. Empty slots
+    (the sentinel index ``num_experts``) sort last and are left out.
+    """
+
+    pairs: torch.Tensor
+    tokens: torch.Tensor
+    counts: list[int]
+
+    def spans(self) -> Iterator[tuple[int, slice]]:
+        """``(expert, slice into pairs / tokens)`` for every expert with at least one pair."""
+        start = 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                yield expert, slice(start, start + count)
+            start += count
+
+
+def group_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """Group the routed pairs of ``top_k_index`` by expert: one sort and one host sync for the counts, instead of a
+    mask per expert. Every loop over experts (expert banks, LoRA experts) goes through this."""
+    top_k = top_k_index.shape[-1]
+    flat_index = top_k_index.reshape(-1)
+    order = torch.argsort(flat_index, stable=True)
+    counts = torch.bincount(flat_index, minlength=num_experts + 1)[:num_experts].tolist()
+    pairs = order[: sum(counts)]
+    return ExpertGroups(pairs=pairs, tokens=pairs // top_k, counts=counts)
 
 
 class _ExpertBank(nn.Module):
@@ -57,24 +92,14 @@ class _ExpertBank(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        num_tokens, top_k = top_k_index.shape
-        flat_index = top_k_index.reshape(-1)
-        order = torch.argsort(flat_index, stable=True)
-        counts = torch.bincount(flat_index, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        routed = order[: sum(counts)]
-        token_ids = routed // top_k
-        expert_inputs = hidden_states[token_ids]
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                outputs.append(self.expert_forward(expert, expert_inputs[start : start + count]))
-            start += count
+        groups = group_by_expert(top_k_index, self.num_experts)
+        expert_inputs = hidden_states[groups.tokens]
+        outputs = [self.expert_forward(expert, expert_inputs[span]) for expert, span in groups.spans()]
         final = torch.zeros_like(hidden_states)
         if not outputs:
             return final
-        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[routed, None].to(hidden_states.dtype)
-        return final.index_add(0, token_ids, weighted.to(final.dtype))
+        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[groups.pairs, None].to(hidden_states.dtype)
+        return final.index_add(0, groups.tokens, weighted.to(final.dtype))
 
 
 class GatedExpertsBase(_ExpertBank):

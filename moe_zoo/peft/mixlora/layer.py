@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.capacity import drop_over_capacity
+from ...core.experts import group_by_expert
 from ...core.options import MoeOptions
 from ...core.recording import report_routing
 from ...core.routing import Router, RouterOutput, TopKRouter, TopPRouter
@@ -218,17 +219,20 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         up = self._projection(adapter, "up_proj", expert, x, up)
         return _gated_combine(self.base_layer.act_fn, gate, up)
 
+    def _routed(self, adapter: str, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
+        """``(expert, tokens, weights (n, 1))`` for each expert with routed tokens, from one sort of the pairs; the
+        sentinel index E (an empty slot) never runs an expert."""
+        groups = group_by_expert(indices, self.moe_gate[adapter].num_experts)
+        routed_weights = weights.reshape(-1)[groups.pairs].unsqueeze(-1).to(dtype)
+        for expert, span in groups.spans():
+            yield expert, groups.tokens[span], routed_weights[span]
+
     def _fused(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         gate_all, up_all = base.gate_proj(x), base.up_proj(x)
         mixed_hidden = torch.zeros_like(gate_all)
         down_delta = torch.zeros_like(x)
-        # Only 0..E-1 are visited: the sentinel index E (an empty slot) never runs an expert.
-        for expert in range(self.moe_gate[adapter].num_experts):
-            tokens, slots = torch.where(indices == expert)
-            if tokens.numel() == 0:
-                continue
-            weight = weights[tokens, slots].unsqueeze(-1).to(x.dtype)
+        for expert, tokens, weight in self._routed(adapter, weights, indices, x.dtype):
             hidden = self._hidden(adapter, expert, x[tokens], gate_all[tokens], up_all[tokens])
             mixed_hidden.index_add_(0, tokens, hidden * weight)
             delta = self._lora_delta(adapter, "down_proj", expert, hidden)
@@ -239,12 +243,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
     def _naive(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         out = torch.zeros_like(x)
-        # Only 0..E-1 are visited: the sentinel index E (an empty slot) never runs an expert.
-        for expert in range(self.moe_gate[adapter].num_experts):
-            tokens, slots = torch.where(indices == expert)
-            if tokens.numel() == 0:
-                continue
-            weight = weights[tokens, slots].unsqueeze(-1).to(x.dtype)
+        for expert, tokens, weight in self._routed(adapter, weights, indices, x.dtype):
             x_e = x[tokens]
             hidden = self._hidden(adapter, expert, x_e, base.gate_proj(x_e), base.up_proj(x_e))
             y = self._projection(adapter, "down_proj", expert, hidden, base.down_proj(hidden))
