@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward
+
 VOCAB = 64
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
@@ -42,3 +44,15 @@ def batch(seed: int = 2, batch_size: int = 2, length: int = 9) -> dict[str, torc
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch_size, length), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def mixlora(**overrides) -> MixLoraConfig:
+    """A small MixLoRA config on every attention and FFN projection; ``overrides`` replace its fields."""
+    values = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
+    values.update(overrides)
+    return MixLoraConfig(**values)
+
+
+def ffns(model: torch.nn.Module) -> list[MixLoraFeedForward]:
+    """The MixLoRA FFNs of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MixLoraFeedForward)]

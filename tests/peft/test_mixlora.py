@@ -6,22 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft_test_models import ATTENTION, FFN, batch, randomize_lora_b, tiny_causal_lm
+from peft_test_models import FFN, batch, ffns, mixlora, randomize_lora_b, tiny_causal_lm
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moe_zoo  # noqa: F401  (registers MIXLORA)
 from moe_zoo.core import collect_routing
-from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward
-
-
-def mixlora(**overrides) -> MixLoraConfig:
-    values = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
-    values.update(overrides)
-    return MixLoraConfig(**values)
-
-
-def ffns(model) -> list[MixLoraFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MixLoraFeedForward)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

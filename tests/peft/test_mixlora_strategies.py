@@ -8,22 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft_test_models import ATTENTION, FFN, batch, randomize_lora_b, tiny_causal_lm
+from peft_test_models import batch, ffns, mixlora, randomize_lora_b, tiny_causal_lm
 
 import moe_zoo  # noqa: F401  (registers MIXLORA)
-from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward, export_mixlora_adapter
+from moe_zoo.peft import MixLoraFeedForward, export_mixlora_adapter
 
 STRATEGIES = ("mixlora-dynamic", "mixlora-switch")
-
-
-def mixlora(**overrides) -> MixLoraConfig:
-    values = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
-    values.update(overrides)
-    return MixLoraConfig(**values)
-
-
-def ffns(model) -> list[MixLoraFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MixLoraFeedForward)]
 
 
 def trained_like(model, seed: int = 3):
