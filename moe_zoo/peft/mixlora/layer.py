@@ -25,6 +25,7 @@ from torch import nn
 
 from ...core.capacity import drop_over_capacity
 from ...core.experts import group_by_expert
+from ...core.lora_experts import GatedCombine, LoraProjection, lora_experts_ffn
 from ...core.options import MoeOptions
 from ...core.recording import report_routing
 from ...core.routing import Router, RouterOutput, TopKRouter, TopPRouter
@@ -227,18 +228,29 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         for expert, span in groups.spans():
             yield expert, groups.tokens[span], routed_weights[span]
 
+    def _expert_projection(self, adapter: str, name: str) -> LoraProjection:
+        """Projection ``name`` of the base FFN with the experts' stacked LoRA pair (None if not targeted)."""
+        linear = getattr(self.base_layer, name)
+        if name not in self.targeted[adapter]:
+            return LoraProjection(linear.weight, linear.bias)
+        lora_a = getattr(self, f"lora_A_{name}")[adapter]
+        lora_b = getattr(self, f"lora_B_{name}")[adapter]
+        return LoraProjection(linear.weight, linear.bias, lora_a, lora_b)
+
     def _fused(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        gate_all, up_all = base.gate_proj(x), base.up_proj(x)
-        mixed_hidden = torch.zeros_like(gate_all)
-        down_delta = torch.zeros_like(x)
-        for expert, tokens, weight in self._routed(adapter, weights, indices, x.dtype):
-            hidden = self._hidden(adapter, expert, x[tokens], gate_all[tokens], up_all[tokens])
-            mixed_hidden.index_add_(0, tokens, hidden * weight)
-            delta = self._lora_delta(adapter, "down_proj", expert, hidden)
-            if delta is not None:
-                down_delta.index_add_(0, tokens, delta.to(x.dtype) * weight)
-        return base.down_proj(mixed_hidden) + down_delta
+        """All routed pairs at once through the core's LoRA-expert kernel (frozen projections once per token)."""
+        dropout = self.expert_dropout[adapter]
+        return lora_experts_ffn(
+            x,
+            weights,
+            indices,
+            self.moe_gate[adapter].num_experts,
+            inputs=[self._expert_projection(adapter, name) for name in self.layout.input_projections],
+            combine=GatedCombine(self.base_layer.act_fn),
+            output=self._expert_projection(adapter, self.layout.output_projection),
+            scaling=self.expert_scaling[adapter],
+            dropout=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
+        )
 
     def _naive(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
