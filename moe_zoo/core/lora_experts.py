@@ -375,24 +375,20 @@ class _LoraExpertsFunction(torch.autograd.Function):
                 grad_lora_hidden = expert_linear(grad_a_out, lora_a_o.transpose(1, 2), routed).mul_(mask_o)
                 grad_hidden.add_(grad_lora_hidden.to(grad_hidden.dtype))
                 del grad_lora_hidden
-        del hidden
-        ctx.output_saved = ctx.mixed = None
 
         # combine: its own backward, or autograd on the local graph the forward recorded.
         pre_activations, hidden_graph, leaves = ctx.combine_state
-        ctx.combine_state = None
         if hidden_graph is None:
             grad_pre = spec.combine.backward(grad_hidden, *pre_activations)
         else:
-            grad_pre = torch.autograd.grad(hidden_graph, leaves, grad_hidden)
-        del pre_activations, hidden_graph, leaves, grad_hidden
+            grad_pre = torch.autograd.grad(hidden_graph, leaves, grad_hidden, retain_graph=True)
+        del grad_hidden
 
         # Input projections: pre_p = (W x + b)[token_p] + s B_e A_e drop(x[token_p]).
         grad_x = None
         grad_token_rows = None
-        input_saved, ctx.input_saved = ctx.input_saved, None
         for index, ((weight, bias, lora_a, lora_b), grad, saved) in enumerate(
-            zip(inputs, grad_pre, input_saved, strict=True)
+            zip(inputs, grad_pre, ctx.input_saved, strict=True)
         ):
             offset = 4 * index
             grad_base = routed.sum_per_token(grad, routed.slot_mask)
