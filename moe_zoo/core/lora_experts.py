@@ -64,33 +64,47 @@ class LoraProjection:
 
 
 class GatedCombine:
-    """``combine(gate, up) = act(gate) * up`` (Llama, Qwen2, Mistral, Phi-3 after splitting ``gate_up``), with a
-    backward that works in place on the gradient buffer: one new ``(P, I)`` tensor instead of autograd's three.
-    SiLU uses its fused derivative; any other activation is differentiated by autograd."""
+    """``combine(gate, up) = act(gate) * up`` (Llama, Qwen2, Mistral, Gemma), or with ``chunked=True``
+    ``combine(gate_up)`` on one projection whose first half is the gate (Phi-3's ``gate_up_proj``), with a backward
+    that works in place on the gradient buffer: one new ``(P, I)`` tensor instead of autograd's three. SiLU uses its
+    fused derivative; any other activation is differentiated by autograd."""
 
-    def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor], chunked: bool = False):
         self.act_fn = act_fn
+        self.chunked = chunked
         self.is_silu = isinstance(act_fn, nn.SiLU) or act_fn is F.silu
 
-    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def _gate_up(self, pre: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(pre[0].chunk(2, dim=-1)) if self.chunked else tuple(pre)
+
+    def __call__(self, *pre: torch.Tensor) -> torch.Tensor:
+        gate, up = self._gate_up(pre)
         hidden = self.act_fn(gate)
         if hidden.requires_grad or hidden is gate:
             return hidden * up
         return hidden.mul_(up)
 
-    def backward(self, grad_hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-        """``(grad_gate, grad_up)``; overwrites ``grad_hidden`` (it becomes ``grad_gate``)."""
+    def backward(self, grad_hidden: torch.Tensor, *pre: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The gradients of ``pre`` (``grad_hidden`` is overwritten: without ``chunked`` it becomes the gate's)."""
+        gate, up = self._gate_up(pre)
+        if self.chunked:
+            grad = torch.empty_like(pre[0])
+            grad_gate, grad_up = grad.chunk(2, dim=-1)
+        else:
+            grad_gate, grad_up = grad_hidden, torch.empty_like(up)
         if self.is_silu:
-            grad_up = F.silu(gate).mul_(grad_hidden)
-            grad_gate = grad_hidden.mul_(up)
+            torch.ops.aten.silu.out(gate, out=grad_up)
+            grad_up.mul_(grad_hidden)
+            torch.mul(grad_hidden, up, out=grad_gate)
             torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-            return grad_gate, grad_up
-        with torch.enable_grad():
-            leaf = gate.detach().requires_grad_()
-            activated = self.act_fn(leaf)
-        grad_up = activated.detach() * grad_hidden
-        (grad_gate,) = torch.autograd.grad(activated, leaf, grad_hidden.mul_(up))
-        return grad_gate, grad_up
+        else:
+            with torch.enable_grad():
+                leaf = gate.detach().requires_grad_()
+                activated = self.act_fn(leaf)
+            torch.mul(activated.detach(), grad_hidden, out=grad_up)
+            torch.mul(grad_hidden, up, out=grad_gate)
+            grad_gate.copy_(torch.autograd.grad(activated, leaf, grad_gate)[0])
+        return (grad,) if self.chunked else (grad_gate, grad_up)
 
 
 @dataclass

@@ -130,6 +130,34 @@ def test_gated_layout_equals_per_expert_ffns(grouped, combine_kind):
     assert got[0][3].abs().max() == 0, "a token routed to no expert gets a zero output"
 
 
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(approximate="tanh")], ids=["silu", "gelu"])
+def test_chunked_gate_up_layout(act):
+    """Phi-3's fused ``gate_up_proj`` (gate = first half): ``GatedCombine(chunked=True)`` equals the per-expert
+    FFNs, its backward writing both halves of one gradient buffer."""
+    x, logits = fresh_inputs()
+    indices = routing()
+    generator = torch.Generator().manual_seed(4)
+    inputs, output = [projection(2 * FFN, H, generator)], projection(H, FFN, generator)
+
+    def reference_combine(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return up * act(gate)
+
+    expected = outputs_and_grads(
+        lambda x, w, i: reference(x, w, i, inputs, reference_combine, output), x, logits, indices, inputs, output
+    )
+    combine = GatedCombine(act, chunked=True)
+    got = outputs_and_grads(
+        lambda x, w, i: lora_experts_ffn(x, w, i, E, inputs, combine, output, SCALING),
+        x,
+        logits,
+        indices,
+        inputs,
+        output,
+    )
+    assert_close_outputs_and_grads(got, expected)
+
+
 def test_plain_layout_with_biases_and_trainable_frozen_weights():
     """Phi-style ``fc1``/``fc2`` with biases: the output bias is added with the token's total routing weight;
     when the base weights and biases require grad they get exact gradients too."""
