@@ -7,10 +7,11 @@ targeted projections get a LoRA pair). Two ways to compute the mixture ``sum_e w
   pair adds only its LoRA deltas, and the frozen ``down_proj`` runs once on the routing-weighted sum of the
   activations. That is exact because ``down_proj`` is linear:
   ``sum_e w_e (W_d h_e + B_e A_e h_e) = W_d (sum_e w_e h_e) + sum_e w_e B_e A_e h_e``.
-  The frozen FLOPs then equal the dense FFN's (the original runs ``down_proj`` once per expert).
-- ``"naive"``: every expert runs the whole FFN on its tokens; a slow reference the tests compare against.
-
-Both still loop over experts in Python; a grouped kernel would replace the loop, not the algebra.
+  The frozen FLOPs then equal the dense FFN's (the original runs ``down_proj`` once per expert). The layer only
+  hands its projections to the core's kernel :func:`~moe_zoo.core.lora_experts.lora_experts_ffn` (all routed
+  pairs at once, per-expert LoRA matmuls grouped, a hand-written backward).
+- ``"naive"``: every expert runs the whole FFN on its tokens, looping over experts; a slow reference the tests
+  compare against.
 """
 
 from __future__ import annotations
