@@ -17,9 +17,10 @@ elementwise passes over ``(pairs, intermediate)`` rows, which is what this modul
   matmuls are one grouped matmul (``torch._grouped_mm`` with offsets, used on CUDA where it runs) or a loop of
   ``addmm_`` over the experts' row blocks that accumulates into the rows in place (on CPU, where
   ``_grouped_mm`` is itself a loop of ``mm`` into a new tensor, so the loop saves a pass and an allocation);
-- tokens are recombined by a gather into slot order and one batched ``(1, k) @ (k, D)`` product per token, in
-  chunks on CPU so the gathered rows stay small and cached, never with ``index_add_`` (serial and slow on CPU,
-  atomic on GPU);
+- tokens are recombined by a gather into slot order and one batched ``(1, k) @ (k, D)`` product per token, never
+  with ``index_add_`` (atomic on GPU; on CPU it is fast on one thread but slow with several); large temporaries
+  reuse one buffer per forward / backward (:class:`Scratch`) and the frozen products' buffer, because on CPU a fresh
+  tensor of tens of MB costs more in page faults than the pass over it;
 - :class:`_LoraExpertsFunction` writes the backward by hand instead of letting autograd store and replay every
   gather and scatter: no gradient for the frozen weights unless they require one, the LoRA weight gradients as
   grouped outer products, the routing weights' gradient as row-wise dot products, and buffers reused in place.
@@ -43,10 +44,6 @@ from torch.autograd.function import once_differentiable
 
 from .experts import group_by_expert
 
-CPU_CHUNK_BYTES = 4 * 2**20
-"""Size of the gathered rows per chunk when tokens are recombined on CPU: small enough to stay in cache and to be
-reused by the allocator (a fresh tensor of tens of MB costs page faults on every call)."""
-
 
 @dataclass(frozen=True)
 class LoraProjection:
@@ -63,6 +60,19 @@ class LoraProjection:
         return (self.weight, self.bias, self.lora_A, self.lora_B)
 
 
+def _computes_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``act_fn`` is SiLU (``nn.SiLU``, ``F.silu``, transformers' ``SiLUActivation``, ...), checked on a
+    small probe (exact equality), so any module computing SiLU gets the fused derivative."""
+    if act_fn is F.silu or isinstance(act_fn, nn.SiLU):
+        return True
+    probe = torch.linspace(-8.0, 8.0, 161)
+    try:
+        with torch.no_grad():
+            return torch.equal(act_fn(probe), F.silu(probe))
+    except (RuntimeError, TypeError):
+        return False
+
+
 class GatedCombine:
     """``combine(gate, up) = act(gate) * up`` (Llama, Qwen2, Mistral, Gemma), or with ``chunked=True``
     ``combine(gate_up)`` on one projection whose first half is the gate (Phi-3's ``gate_up_proj``), with a backward
@@ -72,7 +82,7 @@ class GatedCombine:
     def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor], chunked: bool = False):
         self.act_fn = act_fn
         self.chunked = chunked
-        self.is_silu = isinstance(act_fn, nn.SiLU) or act_fn is F.silu
+        self.is_silu = _computes_silu(act_fn)
 
     def _gate_up(self, pre: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(pre[0].chunk(2, dim=-1)) if self.chunked else tuple(pre)
@@ -95,15 +105,17 @@ class GatedCombine:
         if self.is_silu:
             torch.ops.aten.silu.out(gate, out=grad_up)
             grad_up.mul_(grad_hidden)
-            torch.mul(grad_hidden, up, out=grad_gate)
-            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+            grad_up_times = grad_hidden.mul_(up) if not self.chunked else torch.mul(grad_hidden, up, out=grad_gate)
+            torch.ops.aten.silu_backward.grad_input(grad_up_times, gate, grad_input=grad_gate)
         else:
             with torch.enable_grad():
                 leaf = gate.detach().requires_grad_()
                 activated = self.act_fn(leaf)
             torch.mul(activated.detach(), grad_hidden, out=grad_up)
-            torch.mul(grad_hidden, up, out=grad_gate)
-            grad_gate.copy_(torch.autograd.grad(activated, leaf, grad_gate)[0])
+            (grad_act,) = torch.autograd.grad(activated, leaf, grad_hidden.mul_(up))
+            if not self.chunked:
+                return grad_act, grad_up
+            grad_gate.copy_(grad_act)
         return (grad,) if self.chunked else (grad_gate, grad_up)
 
 
@@ -147,29 +159,42 @@ class RoutedPairs:
         slots[self.pairs] = per_pair
         return slots.view(self.num_tokens, self.top_k)
 
-    def sum_per_token(self, rows: torch.Tensor, slot_weights: torch.Tensor) -> torch.Tensor:
+    def sum_per_token(
+        self,
+        rows: torch.Tensor,
+        slot_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+        scratch: Scratch | None = None,
+    ) -> torch.Tensor:
         """``out[t] = sum_j slot_weights[t, j] * rows[pair of slot (t, j)]``: ``(P, D)`` -> ``(T, D)``.
 
-        A gather into slot order and a batched ``(1, k) @ (k, D)`` product per token; empty slots read row 0 with
-        weight 0. On CPU it runs in token chunks through one small reused buffer.
+        One gather into slot order (into ``scratch`` when given) and one batched ``(1, k) @ (k, D)`` product per
+        token; empty slots read row 0 with weight 0. Written into ``out`` when it is a free buffer of that shape.
         """
         num_tokens, top_k, width = self.num_tokens, self.top_k, rows.shape[1]
+        if out is None or out.shape != (num_tokens, width) or out.dtype != rows.dtype or not out.is_contiguous():
+            out = rows.new_empty(num_tokens, width)
         if rows.shape[0] == 0:
-            return rows.new_zeros(num_tokens, width)
-        slot_weights = slot_weights.to(rows.dtype).unsqueeze(1)
-        if rows.device.type != "cpu":
-            by_slot = rows.index_select(0, self.slot_pair).view(num_tokens, top_k, width)
-            return torch.bmm(slot_weights, by_slot).squeeze(1)
-        out = rows.new_empty(num_tokens, width)
-        chunk = max(1, CPU_CHUNK_BYTES // (top_k * width * rows.element_size()))
-        buffer = rows.new_empty(min(chunk, num_tokens) * top_k, width)
-        for start in range(0, num_tokens, chunk):
-            stop = min(start + chunk, num_tokens)
-            gathered = buffer[: (stop - start) * top_k]
-            torch.index_select(rows, 0, self.slot_pair[start * top_k : stop * top_k], out=gathered)
-            by_slot = gathered.view(stop - start, top_k, width)
-            torch.bmm(slot_weights[start:stop], by_slot, out=out[start:stop].unsqueeze(1))
+            return out.zero_()
+        by_slot = scratch.take(num_tokens * top_k * width, rows) if scratch is not None else None
+        by_slot = torch.index_select(rows, 0, self.slot_pair, out=by_slot)
+        weights = slot_weights.to(rows.dtype).unsqueeze(1)
+        torch.bmm(weights, by_slot.view(num_tokens, top_k, width), out=out.unsqueeze(1))
         return out
+
+
+class Scratch:
+    """One flat buffer reused by every temporary of one forward or backward: a fresh tensor of tens of MB costs
+    page faults on each call (much more than the pass over it, on CPU), one reused buffer costs them once."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffer
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.buffer = like.new_empty(numel)
+        return buffer[:numel].view(-1, like.shape[-1])
 
 
 def route_pairs(expert_indices: torch.Tensor, num_experts: int, grouped: bool | None = None) -> RoutedPairs:
@@ -283,6 +308,21 @@ def _lora_input(rows: torch.Tensor, dtype: torch.dtype, spec: _Spec) -> tuple[to
     return rows * mask, mask
 
 
+def _rowdot(left: torch.Tensor, right: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """``(left * right).sum(-1)`` with the product in ``scratch`` (``linalg.vecdot`` allocates it afresh)."""
+    return torch.mul(left, right, out=scratch.take(left.numel(), left)).sum(-1)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor | None):
+    """``F.linear(x, weight, bias)``, written into ``buffer`` when it is free and has the right shape and dtype."""
+    shape = (x.shape[0], weight.shape[0])
+    if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype or weight.dtype != x.dtype:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=buffer)
+    return torch.addmm(bias.to(x.dtype), x, weight.t(), out=buffer)
+
+
 def _split(flat: Sequence[torch.Tensor | None], num_inputs: int):
     projections = [tuple(flat[4 * i : 4 * i + 4]) for i in range(num_inputs + 1)]
     return projections[:num_inputs], projections[num_inputs]
@@ -302,8 +342,10 @@ class _LoraExpertsFunction(torch.autograd.Function):
         tokens = routed.tokens
         token_rows = x.index_select(0, tokens) if any(p[2] is not None for p in inputs) else None
         pre_activations, input_saved = [], []
+        frozen = None  # one (T, out) buffer for the frozen products, reused (fresh large tensors cost page faults)
         for weight, bias, lora_a, lora_b in inputs:
-            pre = F.linear(x, weight, bias).index_select(0, tokens)
+            frozen = _linear(x, weight, bias, frozen)
+            pre = frozen.index_select(0, tokens)
             lora_rows = mask = scaled_a = None
             if lora_a is not None:
                 lora_rows, mask = _lora_input(token_rows, lora_a.dtype, spec)
@@ -323,7 +365,9 @@ class _LoraExpertsFunction(torch.autograd.Function):
 
         weight_o, bias_o, lora_a_o, lora_b_o = output
         slot_weights = routed.slot_values(pair_weights.to(hidden.dtype))
-        mixed = routed.sum_per_token(hidden, slot_weights)
+        scratch = Scratch()
+        mixed = routed.sum_per_token(hidden, slot_weights, out=frozen, scratch=scratch)
+        del frozen
         out = F.linear(mixed.to(weight_o.dtype), weight_o)
         if bias_o is not None:
             out.addr_(slot_weights.sum(-1).to(out.dtype), bias_o)
@@ -333,7 +377,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
             lora_a_out = expert_linear(lora_hidden, lora_a_o, routed)
             routed_scale = pair_weights.to(lora_a_out.dtype).mul(spec.scaling).unsqueeze(-1)
             deltas = expert_linear(lora_a_out * routed_scale, lora_b_o, routed)
-            out.add_(routed.sum_per_token(deltas, routed.slot_mask).to(out.dtype))
+            out.add_(routed.sum_per_token(deltas, routed.slot_mask, scratch=scratch).to(out.dtype))
         if not spec.differentiable:
             return out
 
@@ -365,8 +409,9 @@ class _LoraExpertsFunction(torch.autograd.Function):
         if bias_o is not None and needs[5 + out_offset]:
             grad_flat[out_offset + 1] = (slot_weights.sum(-1).to(grad_out.dtype) @ grad_out).to(bias_o.dtype)
         grad_hidden = grad_mixed.to(hidden.dtype).index_select(0, tokens)
-        del grad_mixed
-        grad_weights = torch.linalg.vecdot(grad_hidden, hidden) if needs[3] else None
+        free = grad_mixed  # dead from here on: the buffer of the per-token gradients below
+        scratch = Scratch()
+        grad_weights = _rowdot(grad_hidden, hidden, scratch) if needs[3] else None
         grad_hidden.mul_(pair_weights.to(hidden.dtype).unsqueeze(-1))
         if bias_o is not None and needs[3]:
             grad_weights += (grad_out @ bias_o.to(grad_out.dtype)).index_select(0, tokens).to(grad_weights.dtype)
@@ -405,7 +450,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
             zip(inputs, grad_pre, ctx.input_saved, strict=True)
         ):
             offset = 4 * index
-            grad_base = routed.sum_per_token(grad, routed.slot_mask)
+            grad_base = free = routed.sum_per_token(grad, routed.slot_mask, out=free, scratch=scratch)
             if needs[2]:
                 if grad_x is None:
                     grad_x = grad_base.to(weight.dtype) @ weight
@@ -415,7 +460,6 @@ class _LoraExpertsFunction(torch.autograd.Function):
                 grad_flat[offset] = grad_base.t().to(x.dtype) @ x
             if bias is not None and needs[5 + offset]:
                 grad_flat[offset + 1] = grad_base.sum(0).to(bias.dtype)
-            del grad_base
             if lora_a is None:
                 continue
             lora_rows, mask, scaled_a = saved
@@ -435,7 +479,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
                 grad_rows.mul_(mask)
             grad_token_rows = grad_rows if grad_token_rows is None else grad_token_rows.add_(grad_rows)
         if grad_token_rows is not None:
-            grad_x.add_(routed.sum_per_token(grad_token_rows, routed.slot_mask).to(grad_x.dtype))
+            grad_x.add_(routed.sum_per_token(grad_token_rows, routed.slot_mask, scratch=scratch).to(grad_x.dtype))
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         if grad_weights is not None:
