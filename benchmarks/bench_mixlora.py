@@ -21,7 +21,9 @@ computed within the run. This machine is noisy: compare ratios from one run, not
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import platform
 import statistics
 import time
@@ -218,6 +220,18 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
     }
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process (no ``mmap`` for large blocks, no trimming), so that a freed
+    tensor's pages are reused instead of being faulted in again: on a VM a page fault costs microseconds and the
+    allocator's behaviour can then outweigh the arithmetic. Affects every contender alike; False if not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**40))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -228,6 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (no page faults for reused tensors); see keep_freed_memory()",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/mixlora_cpu.json"))
     args = parser.parse_args(argv)
@@ -235,7 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.tokens, args.hidden, args.intermediate, args.experts, args.rank, args.repeats = 64, 16, 24, 4, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report = run(args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.rank, args.repeats)
+    report["allocator"] = "glibc keeps freed memory (mallopt)" if kept else "default"
+    if load_before is not None:
+        report["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     for name, timing in report["results"].items():

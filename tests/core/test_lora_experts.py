@@ -256,3 +256,11 @@ def test_routed_pairs_put_rows_back_in_token_order():
     for pair, slot in enumerate(routed.pairs.tolist()):
         expected[slot // K] += weights[slot // K, slot % K] * rows[pair]
     assert torch.allclose(routed.sum_per_token(rows, weights * routed.slot_mask), expected, atol=1e-6)
+
+
+def test_gated_combine_recognises_silu_modules():
+    """transformers' ``SiLUActivation`` (what Llama's ``act_fn`` is) gets the fused SiLU derivative, others not."""
+    from transformers.activations import ACT2FN
+
+    assert GatedCombine(ACT2FN["silu"]).is_silu and GatedCombine(nn.SiLU()).is_silu and GatedCombine(F.silu).is_silu
+    assert not GatedCombine(ACT2FN["gelu_pytorch_tanh"]).is_silu and not GatedCombine(nn.GELU()).is_silu
