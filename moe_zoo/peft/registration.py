@@ -5,7 +5,7 @@ outside package cannot use it. Every dispatch in PEFT (``get_peft_model``, ``Pef
 ``PeftConfig.from_pretrained``, ``get/set_peft_model_state_dict``, ``AutoPeftModel*``) looks the PEFT type string up
 in three dicts of ``peft.mapping``; we add our entries to them, the way ``register_peft_method`` itself does, and
 keep this the only place that touches PEFT's tables. ``tests/peft/test_mixlora_registration.py`` fails if a PEFT release
-renames or retypes them; ``tests/peft/test_smora_registration.py`` checks the SMORA entries.
+renames or retypes them, and checks that both types are registered.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""``SmoraConfig``: a ``LoraConfig`` with the fields of SMoRA (Zhao et al., "Each Rank Could be an Expert:
-Single-Ranked Mixture of Experts LoRA for Multi-Task Learning", arXiv 2501.15103; official code StyxXuan/smora,
-tuner ``srmole``).
+"""``SmoraConfig``: a ``LoraConfig`` with the fields of SMoRA ("Each Rank Could be an Expert: Single-Ranked Mixture of
+Experts LoRA for Multi-task Learning", KDD 2026, arXiv 2501.15103; official code StyxXuan/smora, tuner ``srmole``).
 
 It subclasses PEFT's ``LoraConfig`` so that ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
 ``rank_pattern`` and the other LoRA options mean what LoRA users expect; only ``peft_type`` changes, to ``"SMORA"``.
