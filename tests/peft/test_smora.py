@@ -269,3 +269,17 @@ def test_a_second_adapter_can_be_added_and_switched_to():
     assert layer.activate_r == {"default": 2, "other": 4}
     assert layer.lora_router["other"].weight.requires_grad
     assert not layer.lora_router["default"].weight.requires_grad
+
+
+def test_smora_on_an_upcycled_moe_leaves_its_router_logits_and_aux_loss_alone():
+    """Rank routers do not report to collect_routing, so the MoE's own aux loss and router_logits are unchanged."""
+    moe = moe_zoo.upcycle(tiny_causal_lm(), num_experts=4, output_router_logits=True, router_aux_loss_coef=0.1)
+    inputs = batch()
+    with torch.no_grad():
+        expected = moe(**inputs, labels=inputs["input_ids"])
+    model = get_peft_model(moe, smora(target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        got = model(**inputs, labels=inputs["input_ids"])
+    assert len(got.router_logits) == len(expected.router_logits) == 2
+    assert all(logits.shape[-1] == 4 for logits in got.router_logits)
+    assert torch.allclose(got.aux_loss, expected.aux_loss) and torch.allclose(got.loss, expected.loss, atol=1e-6)

@@ -25,7 +25,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ...core.options import MoeOptions
-from ...core.recording import report_routing
 from ...core.routing import RouterOutput, TopKRouter
 from .config import SmoraConfig, check_rank_layout
 
@@ -176,8 +175,10 @@ class SmoraLinear(nn.Module, SmoraLayer):
         router: SmoraRankRouter = self.lora_router[adapter]
         x = self._cast_input_dtype(x, lora_a.weight.dtype)
         tokens = self.lora_dropout[adapter](x).reshape(-1, self.in_features)
-        logits, weights, indices = router(tokens)  # the router sees the same dropped-out input as A
-        report_routing(logits, indices, router)
+        # The router sees the same dropped-out input as A. Its routing is not reported to collect_routing: an MoE
+        # model under the adapter (an upcycled MoE with LoRA on attention) collects its own blocks' routing there for
+        # its aux loss and router_logits, and rank routers must not join them.
+        _, weights, indices = router(tokens)
         gate = router.rank_gate(weights, indices).to(tokens.dtype)
         delta = lora_b(lora_a(tokens) * gate) * self.scaling[adapter]
         return delta.reshape(*x.shape[:-1], self.out_features)
