@@ -242,7 +242,7 @@ def test_unknown_target_modules_are_rejected():
 
 
 def test_non_linear_targets_are_rejected():
-    with pytest.raises(ValueError, match=r"`model.embed_tokens`, a Embedding, but SMoRA adapts torch.nn.Linear"):
+    with pytest.raises(ValueError, match=r"`model.embed_tokens` \(Embedding\), but SMoRA adapts torch.nn.Linear"):
         get_peft_model(tiny_causal_lm(), smora(target_modules=["q_proj", "embed_tokens"]))
 
 

@@ -66,7 +66,7 @@ class SmoraModel(LoraModel):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise ValueError(
-                f"`target_modules` matched `{kwargs.get('target_name', target)}`, a {type(base).__name__}, but SMoRA "
+                f"`target_modules` matched `{kwargs.get('target_name', target)}` ({type(base).__name__}), but SMoRA "
                 "adapts torch.nn.Linear layers only; remove it from `target_modules` (or add it to "
                 "`exclude_modules`)."
             )
