@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward
+from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward, SmoraConfig, SmoraLinear
 
 VOCAB = 64
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -56,3 +56,16 @@ def mixlora(**overrides) -> MixLoraConfig:
 def ffns(model: torch.nn.Module) -> list[MixLoraFeedForward]:
     """The MixLoRA FFNs of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, MixLoraFeedForward)]
+
+
+def smora(**overrides) -> SmoraConfig:
+    """A small SMoRA config (r=8, 2 active ranks) on every attention and FFN projection; ``overrides`` replace its
+    fields."""
+    values = dict(r=8, activate_r=2, lora_alpha=16, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
+    values.update(overrides)
+    return SmoraConfig(**values)
+
+
+def smora_layers(model: torch.nn.Module) -> list[SmoraLinear]:
+    """The SMoRA layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, SmoraLinear)]

@@ -1,4 +1,4 @@
-"""MIXLORA is a PEFT type after ``import moe_zoo``: create, save, reload (PeftModel and AutoPeftModel)."""
+"""MIXLORA (and SMORA) are PEFT types after ``import moe_zoo``: create, save, reload (PeftModel and AutoPeftModel)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from peft_test_models import ATTENTION, FFN, batch, randomize_lora_b, tiny_causa
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import moe_zoo  # noqa: F401  (registers MIXLORA)
-from moe_zoo.peft import MixLoraConfig, MixLoraModel
+import moe_zoo  # noqa: F401  (registers MIXLORA and SMORA)
+from moe_zoo.peft import MixLoraConfig, MixLoraModel, SmoraConfig, SmoraModel
 from moe_zoo.peft.registration import PEFT_TABLES, peft_tables, register_peft_methods
 
 
@@ -38,6 +38,16 @@ def test_import_registers_mixlora_idempotently():
     assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING["MIXLORA"] is MixLoraConfig
     assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING["MIXLORA"] is MixLoraModel
     assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING["MIXLORA"] == MixLoraModel.prefix
+
+
+def test_import_registers_smora_idempotently():
+    """registration.py registers every moe-zoo PEFT type; SMoRA's round trips are in test_smora_registration.py."""
+    register_peft_methods()
+    register_peft_methods()
+    assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING["SMORA"] is SmoraConfig
+    assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING["SMORA"] is SmoraModel
+    assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING["SMORA"] == SmoraModel.prefix == "lora_"
+    assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING["MIXLORA"] is MixLoraConfig
 
 
 def _mixlora_config(**overrides) -> MixLoraConfig:
