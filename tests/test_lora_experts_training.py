@@ -120,11 +120,11 @@ def test_routing_stats_trainer_counts_every_real_token_and_logs_aux_loss(tiny_ll
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(entry["aux_loss"] > 0 and entry["expert_load_max_ratio"] >= 1 for entry in logged)
-    layers = model.config.num_hidden_layers
-    assert trainer.expert_counts.shape == (layers, 4)
-    # Every non-padding token is counted top_k times per layer, padding never (the batches are padded).
-    assert torch.equal(trainer.expert_counts.sum(-1), torch.full((layers,), float(sum(lengths) * 2)))
-    assert max_load_ratio(torch.tensor([[1.0, 1.0], [3.0, 1.0]])) == pytest.approx((1.0 + 1.5) / 2)
+    assert len(trainer.expert_counts) == model.config.num_hidden_layers
+    # Every non-padding token is counted top_k times per router, padding never (the batches are padded).
+    for counts in trainer.expert_counts.values():
+        assert counts.shape == (4,) and counts.sum().item() == sum(lengths) * 2
+    assert max_load_ratio([torch.tensor([1.0, 1.0]), torch.tensor([3.0, 1.0])]) == pytest.approx((1.0 + 1.5) / 2)
 
 
 def _run_script(monkeypatch, argv):
@@ -181,3 +181,25 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_llm, tmp_path,
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the restored checkpoint, 3-4 from the resumed run
     assert json.loads((out / "results.json").read_text())["runs"]["mixlora"]["train_loss"] > 0
+
+
+def test_script_trains_smora_with_per_step_bias_balancing(tiny_llm, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = [
+        "--method", "smora", "--model_path", str(tiny_llm), "--output_dir", str(out), "--smora_r", "8",
+        "--activate_r", "2", "--max_length", "256", "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--task_families", "gsm8k", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+        "--logging_steps", "1", "--save_strategy", "no",
+    ]  # fmt: skip
+    _run_script(monkeypatch, argv)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    smora, lora = runs["smora"], runs["lora"]
+    assert smora["peft_config"]["peft_type"] == "SMORA" and smora["peft_config"]["activate_r"] == 2
+    assert not smora["aux_loss"] and len(smora["expert_load_max_ratio"]) == 3
+    rank_counts = list(smora["expert_counts"].values())
+    assert len(rank_counts) == 7 * 2 and all(len(c) == 8 for c in rank_counts)  # 7 targeted Linears x 2 layers
+    assert abs(lora["trainable_parameters"] - smora["trainable_parameters"]) < 0.1 * smora["trainable_parameters"]
+    # The selection bias moved once per optimizer step: 3 steps of 1e-5 at most, and not all zero.
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "smora")
+    biases = torch.cat([b.flatten() for n, b in reloaded.named_buffers() if n.endswith("selection_bias")])
+    assert biases.abs().max().item() == pytest.approx(3e-5, rel=1e-3) and biases.abs().min() <= 1e-5 + 1e-9

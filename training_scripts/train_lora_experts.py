@@ -1,4 +1,4 @@
-"""Fine-tune SmolLM2-135M-Instruct (or any local causal LM) with MixLoRA experts on a multi-task instruction mix,
+"""Fine-tune SmolLM2-135M-Instruct (or any local causal LM) with MixLoRA or SMoRA on a multi-task instruction mix,
 and compare its held-out loss with plain LoRA at the same trainable-parameter budget.
 
     python training_scripts/train_lora_experts.py --output_dir runs/mixlora --method mixlora \

@@ -5,7 +5,8 @@ The recipe: build the instruction mix of :mod:`moe_zoo.training.instruction_mix`
 answer tokens), hold out a share of every sub-task, and train each contender with a :class:`RoutingStatsTrainer`
 (the Trainer, plus the aux loss and expert load in its logs) on a fresh copy of the base model:
 
-1. the chosen method (``mixlora`` or ``smora``);
+1. the chosen method (``mixlora`` or ``smora``; SMoRA's selection bias moves once per optimizer step through
+   :class:`~moe_zoo.training.SelectionBiasCallback`);
 2. with ``compare_with_lora``, plain PEFT LoRA on the same modules, its rank chosen so that its trainable-parameter
    count is the closest to the method's (:func:`matched_lora_rank`; ``lora_alpha / r`` kept equal).
 
@@ -42,13 +43,14 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..atomic_io import atomic_write_text
-from ..peft import MixLoraConfig
+from ..peft import MixLoraConfig, SmoraConfig
+from .callbacks import SelectionBiasCallback
 from .instruction_mix import TASK_FAMILIES, InstructionExample, instruction_mix, split_heldout
 from .routing_stats import RoutingStatsTrainer, max_load_ratio
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("mixlora", "lora")
+METHODS = ("mixlora", "smora", "lora")
 IGNORE_INDEX = -100
 
 
@@ -65,12 +67,16 @@ class LoraExpertsArguments:
         metadata={"help": "Comma-separated module names (MixLoRA's template targets all of these)."},
     )
     r: int = field(default=8, metadata={"help": "LoRA rank of each MixLoRA expert and attention LoRA."})
-    lora_alpha: float = 16.0
+    lora_alpha: float = field(default=16.0, metadata={"help": "Plain LoRA keeps lora_alpha / r at the same ratio."})
     lora_dropout: float = 0.05
-    num_experts: int = 8
-    top_k: int = 2
-    routing_strategy: str = "mixlora"
+    num_experts: int = field(default=8, metadata={"help": "MixLoRA: LoRA experts per FFN."})
+    top_k: int = field(default=2, metadata={"help": "MixLoRA: experts per token."})
+    routing_strategy: str = field(default="mixlora", metadata={"help": "mixlora, mixlora-dynamic, mixlora-switch."})
     router_aux_loss_coef: float = 0.01
+    smora_r: int = field(default=64, metadata={"help": "SMoRA: rank-one experts per targeted layer (its r)."})
+    activate_r: int = field(default=8, metadata={"help": "SMoRA: ranks active per token."})
+    rank_partition: int = field(default=1, metadata={"help": "SMoRA: ranks per expert."})
+    bias_balancing: str = field(default="per_step", metadata={"help": "SMoRA: per_step or original."})
     compare_with_lora: bool = field(
         default=True, metadata={"help": "Also train plain LoRA with the same trainable-parameter budget."}
     )
@@ -178,6 +184,15 @@ def method_config(args: LoraExpertsArguments, method: str, lora_rank: int | None
             router_aux_loss_coef=args.router_aux_loss_coef,
             **common,
         )
+    if method == "smora":
+        return SmoraConfig(
+            r=args.smora_r,
+            activate_r=args.activate_r,
+            rank_partition=args.rank_partition,
+            bias_balancing=args.bias_balancing,
+            lora_alpha=args.lora_alpha,
+            **common,
+        )
     if method == "lora":
         rank = lora_rank or args.r
         return LoraConfig(r=rank, lora_alpha=args.lora_alpha * rank / args.r, **common)
@@ -227,6 +242,7 @@ def train_one(
         train_dataset=train_set.remove_columns("family"),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         processing_class=tokenizer,
+        callbacks=[SelectionBiasCallback()],
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(resume, run_dir))
@@ -244,9 +260,9 @@ def train_one(
             entry["expert_load_max_ratio"] for entry in logged if "expert_load_max_ratio" in entry
         ],
     }
-    if trainer.expert_counts is not None:
-        results["expert_counts"] = trainer.expert_counts.tolist()
-        results["run_expert_load_max_ratio"] = max_load_ratio(trainer.expert_counts)
+    if trainer.expert_counts:
+        results["expert_counts"] = {name: counts.tolist() for name, counts in trainer.expert_counts.items()}
+        results["run_expert_load_max_ratio"] = max_load_ratio(list(trainer.expert_counts.values()))
     results["peft_config"] = json.loads(json.dumps(results["peft_config"], default=str))
     atomic_write_text(results_file, json.dumps(results, indent=2))
     return results

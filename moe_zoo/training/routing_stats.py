@@ -1,30 +1,38 @@
 """A ``Trainer`` that logs what the routers do: the aux loss and the expert load, next to the loss.
 
-The Trainer logs only ``loss``; an MoE run also needs to show whether its routers balance. Every training forward
-runs inside :func:`~moe_zoo.core.recording.collect_routing`, so every moe-zoo router (MoE blocks, MixLoRA FFNs)
-reports to it whatever model wraps it. At each logging step the trainer adds:
+The Trainer logs only ``loss``; an MoE run also needs to show whether its routers balance. Every moe-zoo router
+(:class:`~moe_zoo.core.routing.Router`: MoE blocks, MixLoRA FFNs, SMoRA's rank routers) returns ``(logits, weights,
+indices)``, so a forward hook on each router counts the experts it chose for the real (non-padding) tokens of every
+training forward, whatever model wraps it. At each logging step the trainer adds:
 
 - ``aux_loss``: the mean unweighted load-balancing loss the model returned (``outputs.aux_loss``), if it returns one;
-- ``expert_load_max_ratio``: the most-loaded expert's share over the mean share, averaged over MoE layers, for the
-  tokens since the last log (1.0 is perfect balance, E means one expert took every token). Padding never counts.
+- ``expert_load_max_ratio``: the most-loaded expert's share over the mean share, averaged over routers, for the
+  tokens since the last log (1.0 is perfect balance; E means one expert took every token).
 
-:attr:`RoutingStatsTrainer.expert_counts` keeps the ``(layers, experts)`` assignment counts of the whole run, summed
-over processes, for plots and reports.
+:attr:`RoutingStatsTrainer.expert_counts` keeps each router's assignment counts over the whole run, summed over
+processes, for plots and reports. Counts are taken from the routers' choices (before an MoE block's capacity drops
+tokens), and forwards re-run by activation checkpointing during backward are not counted twice.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import Trainer
 
-from ..core.recording import collect_routing
-from .expert_load import counted_positions, routed_counts
+from ..core.routing import Router
+from .expert_load import counted_positions
 
 
-def max_load_ratio(counts: torch.Tensor) -> float:
-    """Mean over layers of ``max_e load_e / mean_e load_e`` for ``(layers, experts)`` counts."""
-    mean = counts.mean(dim=-1).clamp_min(1e-9)
-    return (counts.max(dim=-1).values / mean).mean().item()
+def max_load_ratio(counts: list[torch.Tensor]) -> float:
+    """Mean over routers of ``max_e load_e / mean_e load_e`` (``nan`` without counts)."""
+    ratios = [c.max() / c.mean().clamp_min(1e-9) for c in counts if c.numel()]
+    return torch.stack(ratios).mean().item() if ratios else float("nan")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing re-runs forwards there)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RoutingStatsTrainer(Trainer):
@@ -32,43 +40,58 @@ class RoutingStatsTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.expert_counts: torch.Tensor | None = None
-        self._window_counts: torch.Tensor | None = None
+        self.expert_counts: dict[str, torch.Tensor] = {}
+        self._window_counts: dict[str, torch.Tensor] = {}
         self._window_aux: list[float] = []
+        self._positions: torch.Tensor | None = None
+        for name, module in self.model.named_modules():
+            if isinstance(module, Router):
+                module.register_forward_hook(self._count_hook(name))
+
+    def _count_hook(self, name: str):
+        def count(module: nn.Module, inputs, output) -> None:
+            if not module.training or _in_backward():
+                return
+            logits, _, indices = output
+            slots = logits.shape[-1]
+            positions = self._positions
+            if positions is not None and positions.numel() == indices.shape[0]:
+                indices = indices[positions.to(indices.device)]
+            indices = indices[indices < slots].detach()
+            counts = torch.bincount(indices.reshape(-1).cpu(), minlength=slots).float()
+            previous = self._window_counts.get(name)
+            self._window_counts[name] = counts if previous is None else previous + counts
+
+        return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with collect_routing() as routing:
+        self._positions = counted_positions(inputs)
+        try:
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-        if model.training:
-            self._record(routing, inputs, outputs)
+        finally:
+            self._positions = None
+        aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+        if model.training and aux is not None:
+            self._window_aux.append(float(aux.detach()))
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, routing, inputs, outputs) -> None:
-        aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
-        if aux is not None:
-            self._window_aux.append(float(aux.detach()))
-        if routing:
-            counts = routed_counts(routing, counted_positions(inputs))
-            self._window_counts = counts if self._window_counts is None else self._window_counts + counts
-
-    def _global(self, counts: torch.Tensor) -> torch.Tensor:
-        """Counts summed over all processes (each process routes its own shard of the batch)."""
+    def _summed_over_processes(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         if self.accelerator.num_processes == 1:
-            return counts
-        return self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction=reduction).cpu()
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             if self._window_aux:
                 aux = torch.tensor(sum(self._window_aux) / len(self._window_aux))
-                if self.accelerator.num_processes > 1:
-                    aux = self.accelerator.reduce(aux.to(self.accelerator.device), reduction="mean").cpu()
-                logs["aux_loss"] = round(aux.item(), 6)
-            if self._window_counts is not None:
-                window = self._global(self._window_counts)
-                logs["expert_load_max_ratio"] = round(max_load_ratio(window), 4)
-                self.expert_counts = window if self.expert_counts is None else self.expert_counts + window
-            self._window_aux, self._window_counts = [], None
+                logs["aux_loss"] = round(self._summed_over_processes(aux, "mean").item(), 6)
+            if self._window_counts:
+                window = {name: self._summed_over_processes(c) for name, c in sorted(self._window_counts.items())}
+                logs["expert_load_max_ratio"] = round(max_load_ratio(list(window.values())), 4)
+                for name, counts in window.items():
+                    previous = self.expert_counts.get(name)
+                    self.expert_counts[name] = counts if previous is None else previous + counts
+            self._window_aux, self._window_counts = [], {}
         super().log(logs, *args, **kwargs)
