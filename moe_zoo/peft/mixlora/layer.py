@@ -235,7 +235,8 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         router.reset_parameters(config.router_init_range)
         self.moe_gate[adapter_name] = router
         r, num_experts, scaling = config.expert_r, config.num_experts, config.expert_scaling
-        for name in targeted:
+        targeted_in_order = tuple(p for p in self.layout.projections if p in targeted)
+        for name in targeted_in_order:  # layout order, not set order: the same init in every process
             base = getattr(self.base_layer, name)
             bound = 1.0 / math.sqrt(base.in_features)
             lora_a = torch.empty(num_experts, r, base.in_features, device=device).uniform_(-bound, bound)
@@ -249,7 +250,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         dropout = config.expert_dropout
         self.expert_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.expert_scaling[adapter_name] = scaling
-        self.targeted[adapter_name] = tuple(p for p in self.layout.projections if p in targeted)
+        self.targeted[adapter_name] = targeted_in_order
         self.use_dora[adapter_name] = bool(config.use_dora)
         self.expert_forward[adapter_name] = config.expert_forward
 
