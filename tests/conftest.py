@@ -53,6 +53,29 @@ def smollm2_dir() -> Path:
     return smollm2_path()
 
 
+@pytest.fixture(scope="session")
+def save_tiny_llm(smollm2_dir: Path):
+    """``save_tiny_llm(folder, num_hidden_layers=2, tie_word_embeddings=False)`` saves a tiny random Llama with
+    SmolLM2's real tokenizer (and vocabulary size) into ``folder``: real chat templates at the cost of a toy model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def save(folder: Path, num_hidden_layers: int = 2, tie_word_embeddings: bool = False) -> Path:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=4,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return Path(folder)
+
+    return save
+
+
 # --- the digits vision tower (a tiny CLIPVisionModel trained on scikit-learn's digits) -------------------------------
 
 

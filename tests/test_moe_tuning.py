@@ -16,11 +16,9 @@ from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
     LlamaForCausalLM,
     TrainerCallback,
     TrainingArguments,
@@ -58,7 +56,7 @@ def _examples(n: int = 8) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory, smollm2_dir):
+def parts(tmp_path_factory, save_tiny_llm):
     """A tiny CLIP vision folder (with a 32x32 image processor) and a tiny Llama folder with SmolLM2's tokenizer."""
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
@@ -66,23 +64,8 @@ def parts(tmp_path_factory, smollm2_dir):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         root / "vision"
     )
-    _save_tiny_llm(root / "llm", smollm2_dir, num_hidden_layers=4, tie_word_embeddings=False)
+    save_tiny_llm(root / "llm", num_hidden_layers=4)
     return root / "vision", root / "llm"
-
-
-def _save_tiny_llm(folder, tokenizer_dir, num_hidden_layers: int, tie_word_embeddings: bool) -> None:
-    """A tiny random Llama with SmolLM2's tokenizer (and vocabulary size), saved into ``folder``."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def _training_args(output_dir, max_steps=2, **extra) -> TrainingArguments:
@@ -342,11 +325,11 @@ def test_script_runs_all_stages_from_a_jsonl(parts, tmp_path):
     assert main([*argv, "--resume_from_checkpoint", "true"]) == [None, None, None]  # all finished
 
 
-def test_tied_embeddings_like_smollm2(parts, smollm2_dir, tmp_path):
+def test_tied_embeddings_like_smollm2(parts, save_tiny_llm, tmp_path):
     """SmolLM2 ties its LM head to the embeddings: stage 2 trains the shared matrix, stage 3 freezes it, and
     upcycling (which sees the head's name first in MoE-LLaVA) still preserves the function."""
     vision, _ = parts
-    _save_tiny_llm(tmp_path / "tied", smollm2_dir, num_hidden_layers=2, tie_word_embeddings=True)
+    save_tiny_llm(tmp_path / "tied", num_hidden_layers=2, tie_word_embeddings=True)
     dense, processor = build_dense_moe_llava(str(vision), str(tmp_path / "tied"))
     shared = dense.model.language_model.embed_tokens.weight
     assert dense.lm_head.weight is shared and shared.shape[0] == len(processor.tokenizer)

@@ -132,12 +132,19 @@ class TopKRouter(Router):
             if scores is None:
                 scores = torch.softmax(logits, dim=-1)
             indices = self._select(logits, scores)
-            weights = scores.gather(-1, indices)
+            weights = self._combine_scores(scores).gather(-1, indices)
             if self.norm_topk_prob:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
             weights = weights * self.routed_scaling_factor
         self.record_load(indices)
         return logits, weights, indices
+
+    def _combine_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores the combine weights are gathered from: the unbiased ones, so that the selection bias only
+        chooses experts (DeepSeek-V3). A subclass reproducing code that lets the bias into the weights as well (the
+        original SMoRA) returns ``scores + selection_bias`` here; a hook rather than an option, because no model
+        config should offer that behaviour."""
+        return scores
 
     def _select(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         choice = scores + self.selection_bias

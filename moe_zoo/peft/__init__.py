@@ -1,4 +1,4 @@
-"""LoRA-expert PEFT methods. Importing this package registers them with PEFT (see :mod:`.registration`)."""
+"""LoRA-expert PEFT methods (MixLoRA, SMoRA); importing this package registers them with PEFT (see :mod:`.registration`)."""
 
 from .mixlora import (
     MixLoraConfig,
@@ -9,6 +9,7 @@ from .mixlora import (
     load_mixlora_adapter,
 )
 from .registration import register_peft_methods
+from .smora import SmoraConfig, SmoraLinear, SmoraModel
 
 __all__ = [
     "MixLoraConfig",
@@ -18,4 +19,7 @@ __all__ = [
     "is_original_mixlora_adapter",
     "load_mixlora_adapter",
     "register_peft_methods",
+    "SmoraConfig",
+    "SmoraLinear",
+    "SmoraModel",
 ]

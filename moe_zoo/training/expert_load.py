@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.recording import collect_routing
+from ..core.recording import LayerRouting, collect_routing
 
 
 @torch.no_grad()
@@ -38,14 +38,7 @@ def expert_load_by_label(
         for batch, label in zip(inputs, labels, strict=True):
             with collect_routing() as routing:
                 model(**batch)
-            real = _counted_positions(batch, token_id)
-            layer_counts = []
-            for record in routing:
-                slots = record.logits.shape[-1]
-                indices = record.indices if real is None else record.indices[real]
-                indices = indices[indices < slots]
-                layer_counts.append(torch.bincount(indices.cpu(), minlength=slots).float())
-            stacked = torch.stack(layer_counts)  # (layers, experts)
+            stacked = routed_counts(routing, counted_positions(batch, token_id))
             if counts is None:
                 counts = torch.zeros(stacked.shape[0], num_labels, stacked.shape[1])
             counts[:, label] += stacked
@@ -56,7 +49,19 @@ def expert_load_by_label(
     return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
 
 
-def _counted_positions(batch: dict, token_id: int | None) -> torch.Tensor | None:
+def routed_counts(routing: Sequence[LayerRouting], positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``(layers, experts)``: how many token-expert assignments each expert got in each recorded layer, over the
+    flat ``positions`` mask (``None``: all tokens). Empty slots (the sentinel index ``E``) do not count."""
+    layer_counts = []
+    for record in routing:
+        slots = record.logits.shape[-1]
+        indices = record.indices if positions is None else record.indices[positions]
+        indices = indices[indices < slots]
+        layer_counts.append(torch.bincount(indices.detach().cpu(), minlength=slots).float())
+    return torch.stack(layer_counts)
+
+
+def counted_positions(batch: dict, token_id: int | None = None) -> torch.Tensor | None:
     """A flat boolean mask of the positions whose routing counts (``None``: all of them)."""
     mask = batch.get("attention_mask")
     real = mask.reshape(-1).bool() if mask is not None else None

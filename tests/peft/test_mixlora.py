@@ -8,38 +8,56 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft_test_models import FFN, batch, ffns, mixlora, randomize_lora_b, tiny_causal_lm
+from peft_test_models import (
+    ARCHS,
+    arch_mixlora,
+    attention_targets,
+    batch,
+    copy_lora_into_mixlora,
+    ffn_targets,
+    ffns,
+    mixlora,
+    randomize_dora_magnitudes,
+    randomize_lora_b,
+    tiny_causal_lm,
+)
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moe_zoo  # noqa: F401  (registers MIXLORA)
 from moe_zoo.core import collect_routing
 
+VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+"""LoRA options the one-expert equivalence runs with (each passed to both PEFT's LoraConfig and MixLoraConfig)."""
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_one_expert_equals_peft_lora_with_the_same_weights(arch):
-    targets = ["q_proj", "v_proj"] + FFN
-    lora = get_peft_model(tiny_causal_lm(arch), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_one_expert_equals_peft_lora_with_the_same_weights(arch, variant):
+    """One expert with top-1 routing has weight 1 on every token, so MixLoRA must compute PEFT's LoRA (rsLoRA's
+    alpha/sqrt(r) scaling, DoRA with magnitudes away from their init) on the same modules, for every FFN layout."""
+    options = VARIANTS[variant]
+    targets = attention_targets(arch)[:2] + ffn_targets(arch)
+    lora = get_peft_model(tiny_causal_lm(arch), LoraConfig(r=4, lora_alpha=8, target_modules=targets, **options))
     randomize_lora_b(lora)
-    mix = get_peft_model(tiny_causal_lm(arch), mixlora(num_experts=1, top_k=1, target_modules=targets))
-    with torch.no_grad():
-        for name, module in lora.named_modules():
-            if name.endswith(("gate_proj", "up_proj", "down_proj")) and hasattr(module, "lora_A"):
-                ffn_name, _, proj = name.rpartition(".")
-                ffn = mix.get_submodule(ffn_name)
-                getattr(ffn, f"lora_A_{proj}")["default"][0].copy_(module.lora_A["default"].weight)
-                getattr(ffn, f"lora_B_{proj}")["default"][0].copy_(module.lora_B["default"].weight)
-            elif name.endswith(("q_proj", "v_proj")) and hasattr(module, "lora_A"):
-                mix.get_submodule(name).lora_A["default"].weight.copy_(module.lora_A["default"].weight)
-                mix.get_submodule(name).lora_B["default"].weight.copy_(module.lora_B["default"].weight)
     inputs = batch()
+    with torch.no_grad():
+        before = lora(**inputs).logits
+    randomize_dora_magnitudes(lora)
+    mix = get_peft_model(tiny_causal_lm(arch), mixlora(num_experts=1, top_k=1, target_modules=targets, **options))
+    assert copy_lora_into_mixlora(lora, mix, ffn_targets(arch)) == 2 * len(targets)
     with torch.no_grad():
         expected = lora(**inputs).logits
         got = mix(**inputs).logits
-        base = lora.get_base_model()
         with lora.disable_adapter():
-            untouched = base(**inputs).logits
+            untouched = lora(**inputs).logits
+    if variant == "dora":
+        assert (before - expected).abs().max() > 1e-3, "the DoRA magnitudes should change the logits"
     assert len(ffns(mix)) == 2
-    assert (expected - untouched).abs().max() > 1e-2, "the LoRA weights should change the logits"
+    assert all(
+        ffn.expert_scaling["default"] == lora.peft_config["default"].lora_alpha / (2 if variant == "rslora" else 4)
+        for ffn in ffns(mix)
+    )
+    assert (expected - untouched).abs().max() > 1e-3, "the LoRA weights should change the logits"
     assert (got - expected).abs().max() <= 1e-5
 
 
@@ -53,22 +71,26 @@ def test_fresh_adapter_computes_the_base_model():
     assert (got - expected).abs().max() <= 1e-5
 
 
-def _fused_and_naive_pair(arch: str):
-    fused = get_peft_model(tiny_causal_lm(arch), mixlora(expert_forward="fused"))
+def _fused_and_naive_pair(arch: str, **options):
+    fused = get_peft_model(tiny_causal_lm(arch), arch_mixlora(arch, expert_forward="fused", **options))
     randomize_lora_b(fused)
+    randomize_dora_magnitudes(fused)
     with torch.no_grad():  # a router that separates tokens more than the 0.02 init does
         for ffn in ffns(fused):
             ffn.moe_gate["default"].weight.normal_(0.0, 1.0)
-    naive = get_peft_model(tiny_causal_lm(arch), mixlora(expert_forward="naive"))
+    naive = get_peft_model(tiny_causal_lm(arch), arch_mixlora(arch, expert_forward="naive", **options))
     set_peft_model_state_dict(naive, get_peft_model_state_dict(fused))
     for a, b in zip(get_peft_model_state_dict(fused).values(), get_peft_model_state_dict(naive).values(), strict=True):
         assert torch.equal(a, b)
     return fused, naive
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_forward_equals_naive_in_outputs_and_gradients(arch):
-    fused, naive = _fused_and_naive_pair(arch)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fused_forward_equals_naive_in_outputs_and_gradients(arch, use_dora):
+    """For every FFN layout (Phi's biased fc1/fc2 included) and with DoRA experts (whose output projection the fused
+    path runs per expert), fused and naive agree in logits, loss and every trainable gradient."""
+    fused, naive = _fused_and_naive_pair(arch, use_dora=use_dora)
     assert {ffn.expert_forward["default"] for ffn in ffns(fused)} == {"fused"}
     assert {ffn.expert_forward["default"] for ffn in ffns(naive)} == {"naive"}
     inputs = batch(batch_size=3, length=11)
@@ -86,7 +108,10 @@ def test_fused_forward_equals_naive_in_outputs_and_gradients(arch):
     assert (logits_f - logits_n).abs().max() <= 1e-5
     assert (loss_f - loss_n).abs() <= 1e-5
     assert grads_f.keys() == grads_n.keys()
-    assert any("lora_B_down_proj" in name for name in grads_f) and any("moe_gate" in name for name in grads_f)
+    output_projection = ffn_targets(arch)[-1]
+    assert any(f"lora_B_{output_projection}" in name for name in grads_f)
+    assert any("moe_gate" in name for name in grads_f)
+    assert any(f"lora_magnitude_{output_projection}" in name for name in grads_f) == use_dora
     for name, grad in grads_f.items():
         assert (grad - grads_n[name]).abs().max() <= 1e-5, name
         assert grad.abs().sum() > 0, f"{name} got no gradient"
@@ -152,7 +177,6 @@ def test_merging_is_refused_with_a_clear_error():
         ({"num_experts": 0}, "positive integer"),
         ({"expert_forward": "grouped"}, "fused"),
         ({"expert_lora": {"rank": 2}}, "allowed keys"),
-        ({"use_dora": True}, "not supported"),
     ],
 )
 def test_bad_configs_raise_value_error(overrides, message):

@@ -1,4 +1,4 @@
-"""MIXLORA is a PEFT type after ``import moe_zoo``: create, save, reload (PeftModel and AutoPeftModel)."""
+"""MIXLORA (and SMORA) are PEFT types after ``import moe_zoo``: create, save, reload (PeftModel and AutoPeftModel)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,22 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft import mapping as peft_mapping
-from peft_test_models import ATTENTION, FFN, batch, randomize_lora_b, tiny_causal_lm
+from peft_test_models import (
+    ARCHS,
+    ATTENTION,
+    FFN,
+    attention_targets,
+    batch,
+    ffn_targets,
+    randomize_dora_magnitudes,
+    randomize_lora_b,
+    tiny_causal_lm,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import moe_zoo  # noqa: F401  (registers MIXLORA)
-from moe_zoo.peft import MixLoraConfig, MixLoraModel
+import moe_zoo  # noqa: F401  (registers MIXLORA and SMORA)
+from moe_zoo.peft import MixLoraConfig, MixLoraModel, SmoraConfig, SmoraModel
 from moe_zoo.peft.registration import PEFT_TABLES, peft_tables, register_peft_methods
 
 
@@ -40,18 +50,30 @@ def test_import_registers_mixlora_idempotently():
     assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING["MIXLORA"] == MixLoraModel.prefix
 
 
+def test_import_registers_smora_idempotently():
+    """registration.py registers every moe-zoo PEFT type; SMoRA's round trips are in test_smora_registration.py."""
+    register_peft_methods()
+    register_peft_methods()
+    assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING["SMORA"] is SmoraConfig
+    assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING["SMORA"] is SmoraModel
+    assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING["SMORA"] == SmoraModel.prefix == "lora_"
+    assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING["MIXLORA"] is MixLoraConfig
+
+
 def _mixlora_config(**overrides) -> MixLoraConfig:
     values = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=ATTENTION + FFN, task_type="CAUSAL_LM")
     values.update(overrides)
     return MixLoraConfig(**values)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_save_and_reload_gives_identical_logits(tmp_path, arch):
     base_dir = tmp_path / "base"
     tiny_causal_lm(arch).save_pretrained(base_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(), _mixlora_config())
+    config = _mixlora_config(target_modules=attention_targets(arch) + ffn_targets(arch), use_dora=arch == "phi")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(), config)
     randomize_lora_b(model)
+    randomize_dora_magnitudes(model)
     inputs = batch()
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -65,8 +87,11 @@ def test_save_and_reload_gives_identical_logits(tmp_path, arch):
     assert (saved["num_experts"], saved["top_k"], saved["routing_strategy"]) == (4, 2, "mixlora")
     keys = load_file(adapter_dir / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.0.mlp.moe_gate.weight" in keys
-    assert "base_model.model.model.layers.1.mlp.lora_A_down_proj" in keys
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert f"base_model.model.model.layers.1.mlp.lora_A_{ffn_targets(arch)[-1]}" in keys
+    assert f"base_model.model.model.layers.0.self_attn.{attention_targets(arch)[0]}.lora_A.weight" in keys
+    if arch == "phi":  # DoRA: one magnitude per expert on the FFN, PEFT's on the attention LoRA
+        assert "base_model.model.model.layers.1.mlp.lora_magnitude_fc2" in keys
+        assert "base_model.model.model.layers.0.self_attn.dense.lora_magnitude_vector" in keys
     assert not any("selection_bias" in key for key in keys), "the unused router bias should not be saved"
     assert not any("default" in key for key in keys), "adapter name leaked into the saved keys"
     assert not any("base_layer" in key for key in keys), "frozen base weights were saved with the adapter"

@@ -5,7 +5,9 @@ adds the router z-loss; fused == naive for both; bad values are refused; save/re
 from __future__ import annotations
 
 import copy
+import json
 
+import mixlora as mixlora_package
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from peft_test_models import batch, ffns, mixlora, randomize_lora_b, tiny_causal_lm
 
 import moe_zoo  # noqa: F401  (registers MIXLORA)
-from moe_zoo.peft import MixLoraFeedForward, export_mixlora_adapter
+from moe_zoo.peft import MixLoraFeedForward, export_mixlora_adapter, load_mixlora_adapter
 
 STRATEGIES = ("mixlora-dynamic", "mixlora-switch")
 
@@ -203,11 +205,37 @@ def test_save_and_reload_give_identical_logits(strategy, tmp_path):
     assert torch.equal(got, expected)
 
 
+EXPORTED_KEYS = {
+    "mixlora-dynamic": {"top_p": 0.7, "temperature": 0.0, "top_k": 2},
+    "mixlora-switch": {"expert_capacity": 4, "sparse_step": None},
+}
+"""What export writes for each strategy: MoE-PEFT's ``export()`` keys (plus our load-balancing k for top-p)."""
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_original_format_export_refuses_the_other_strategies(strategy, tmp_path):
-    model = get_peft_model(tiny_causal_lm(), mixlora(routing_strategy=strategy, lora_dropout=0.05))
-    with pytest.raises(ValueError, match=f"`routing_strategy` is '{strategy}'"):
-        export_mixlora_adapter(model, tmp_path)
+def test_original_format_round_trip_keeps_the_strategy_and_the_logits(strategy, tmp_path):
+    """The pip package reads only ``"mixlora"``; export writes the other strategies with the keys MoE-PEFT's
+    ``export()`` uses, and loading them back gives the identical model."""
+    options = dict(routing_strategy=strategy, expert_capacity=4, top_p=0.7, lora_dropout=0.05)
+    model = trained_like(get_peft_model(tiny_causal_lm(), mixlora(**options))).eval()
+    export_mixlora_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["routing_strategy"] == strategy
+    assert {key: saved[key] for key in EXPORTED_KEYS[strategy]} == EXPORTED_KEYS[strategy]
+    other = "expert_capacity" if strategy == "mixlora-dynamic" else "top_p"
+    assert other not in saved, "only the strategy's own keys are written"
+    with pytest.raises(AssertionError, match="only supports MixLoRA models with 'mixlora' routing_strategy"):
+        mixlora_package.load_adapter_weights(str(tmp_path), device="cpu")
+    loaded = load_mixlora_adapter(tiny_causal_lm(), tmp_path)
+    config = loaded.peft_config["default"]
+    assert (config.routing_strategy, config.expert_capacity, config.top_p) == (
+        strategy,
+        4 if strategy == "mixlora-switch" else 32,
+        0.7 if strategy == "mixlora-dynamic" else 0.8,
+    )
+    inputs = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
 
 @pytest.mark.parametrize("strategy", ("mixlora",) + STRATEGIES)

@@ -43,10 +43,12 @@ EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout")
 class MixLoraConfig(LoraConfig):
     """Configuration of a MixLoRA adapter.
 
-    Every targeted FFN projection (``gate_proj`` / ``up_proj`` / ``down_proj``) turns its FFN into a mixture of
-    ``num_experts`` experts that share the frozen FFN and each add their own LoRA pair; every other targeted Linear
-    (``q_proj`` ... ``o_proj``) gets PEFT's plain LoRA. ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and
-    ``target_modules`` mean what they mean in ``LoraConfig``.
+    Every targeted FFN projection (``gate_proj`` / ``up_proj`` / ``down_proj``, Phi's ``fc1`` / ``fc2``, Phi-3's
+    ``gate_up_proj`` / ``down_proj``; see :data:`~moe_zoo.peft.mixlora.layer.FFN_LAYOUTS`) turns its FFN into a
+    mixture of ``num_experts`` experts that share the frozen FFN and each add their own LoRA pair; every other
+    targeted Linear (``q_proj`` ... ``o_proj``) gets PEFT's plain LoRA. ``r``, ``lora_alpha``, ``lora_dropout``,
+    ``use_rslora``, ``use_dora`` and ``target_modules`` mean what they mean in ``LoraConfig``; with ``use_dora`` (the
+    original's MixDoRA) every expert has its own DoRA magnitude vector per targeted projection.
 
     Args (beyond ``LoraConfig``'s):
         num_experts: LoRA experts per FFN.
@@ -158,8 +160,6 @@ class MixLoraConfig(LoraConfig):
             raise ValueError(f"`router_init_range` must be > 0, got {self.router_init_range}.")
         if not 0.0 <= self.jitter_noise < 1.0:
             raise ValueError(f"`jitter_noise` must be in [0, 1), got {self.jitter_noise}.")
-        if self.use_dora:
-            raise ValueError("`use_dora=True` (MixDoRA) is not supported by moe-zoo's MixLoRA yet; use LoRA experts.")
         if self.expert_lora is not None:
             unknown = sorted(set(self.expert_lora) - set(EXPERT_LORA_KEYS))
             if unknown:

@@ -27,10 +27,32 @@ from torch import nn
 from ...core.losses import router_z_loss, switch_load_balancing_loss
 from ...core.recording import collect_routing
 from .config import MixLoraConfig
-from .layer import MixLoraFeedForward, ffn_layout_of
+from .layer import FFN_PROJECTIONS, MixLoraFeedForward, ffn_layout_of, supported_layouts
 
 MIXLORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The original's template targets every attention and FFN projection."""
+PHI_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+"""MoE-PEFT's Phi template (``templates/mixlora_phi.json``)."""
+PHI3_DEFAULT_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+"""MoE-PEFT's Phi-3 template (``templates/mixlora_phi3.json``): the LoRA of ``gate_up_proj`` is one pair of width 2I."""
+
+
+def _check_ffn_targets_exist(config: MixLoraConfig, pending: dict[str, set[str]], model: nn.Module) -> None:
+    """PEFT only fails when *no* target matched; an FFN projection named in ``target_modules`` that none of the
+    model's FFNs has (``gate_proj`` on Phi, ``fc1`` on Llama) would otherwise be dropped silently."""
+    if isinstance(config.target_modules, str):
+        return  # a regex: the user chose the matches
+    named = [name for name in config.target_modules if name in FFN_PROJECTIONS]
+    targeted = set().union(*pending.values()) if pending else set()
+    missing = [name for name in named if name not in targeted]
+    if not missing:
+        return
+    layouts = {layout.name for module in model.modules() if (layout := ffn_layout_of(module)) is not None}
+    found = f"its FFNs are {sorted(layouts)}" if layouts else "it has no FFN of a supported layout"
+    raise ValueError(
+        f"`target_modules` names the FFN projections {missing}, which this model's FFNs lack ({found}). Target the "
+        "projections of the model's own layout."
+    )
 
 
 class MixLoraModel(LoraModel):
@@ -41,6 +63,9 @@ class MixLoraModel(LoraModel):
         "llama": MIXLORA_DEFAULT_TARGETS,
         "mistral": MIXLORA_DEFAULT_TARGETS,
         "qwen2": MIXLORA_DEFAULT_TARGETS,
+        "gemma": MIXLORA_DEFAULT_TARGETS,
+        "phi": PHI_DEFAULT_TARGETS,
+        "phi3": PHI3_DEFAULT_TARGETS,
     }
 
     def _check_new_adapter_config(self, config: MixLoraConfig) -> None:
@@ -57,6 +82,7 @@ class MixLoraModel(LoraModel):
         self._pending_ffn_targets: dict[str, set[str]] = {}
         super().inject_adapter(model, adapter_name, **kwargs)
         config = self.peft_config[adapter_name]
+        _check_ffn_targets_exist(config, self._pending_ffn_targets, model)
         for ffn_key, targeted in self._pending_ffn_targets.items():
             parent, ffn, ffn_name = _get_submodules(model, ffn_key)
             setattr(parent, ffn_name, MixLoraFeedForward(ffn, adapter_name, config, targeted))
@@ -73,11 +99,11 @@ class MixLoraModel(LoraModel):
             ffn_key = current_key.rpartition(".")[0]
             self._pending_ffn_targets.setdefault(ffn_key, set()).add(target_name)
             return
-        if target_name in ("fc1", "fc2", "gate_up_proj"):
+        if parameter_name is None and target_name in FFN_PROJECTIONS:
             raise ValueError(
-                f"`{current_key}` is an FFN projection of a layout MixLoRA does not support yet (Phi's fc1/fc2, "
-                "Phi-3's gate_up_proj); supported: gate_proj/up_proj/down_proj without biases. Remove it from "
-                "`target_modules` to train only the other projections."
+                f"`{current_key}` is named like an FFN projection, but its module {type(parent).__name__} is not an "
+                f"FFN layout MixLoRA supports; supported: {supported_layouts()}. Remove it from `target_modules` to "
+                "train only the other projections."
             )
         super()._create_and_replace(
             lora_config, adapter_name, target, target_name, parent, current_key, parameter_name=parameter_name
