@@ -300,14 +300,27 @@ class _Spec:
     differentiable: bool
 
 
-def _lora_input(rows: torch.Tensor, dtype: torch.dtype, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What a LoRA A reads: ``dropout(rows)`` in the LoRA dtype, and the inverted-dropout mask (None without
-    dropout), one draw per element and per projection, as a per-expert ``nn.Dropout`` would draw."""
-    rows = rows.to(dtype)
-    if not spec.dropout:
-        return rows, None
-    mask = torch.empty_like(rows).bernoulli_(1.0 - spec.dropout).div_(1.0 - spec.dropout)
-    return rows * mask, mask
+def _dropout_masks(
+    routed: RoutedPairs, widths: Sequence[int | None], like: torch.Tensor, p: float
+) -> list[torch.Tensor | None]:
+    """Inverted-dropout masks (0 or ``1 / (1 - p)``), ``(P, width)`` for each adapted projection (None where the
+    width is None), one draw per element as ``nn.Dropout`` makes.
+
+    They are drawn expert by expert and, within an expert, projection by projection: the order in which a loop over
+    experts (the naive path, the original package) calls its dropout, so under one seed both draw the same masks."""
+    if not p:
+        return [None] * len(widths)
+    masks = [None if w is None else like.new_empty(routed.num_pairs, w) for w in widths]
+    for _, span in routed.spans:
+        for mask in masks:
+            if mask is not None:
+                mask[span].bernoulli_(1.0 - p).div_(1.0 - p)
+    return masks
+
+
+def _lora_input(rows: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
+    """What a LoRA A reads: ``dropout(rows)`` (the mask applied in the rows' dtype), in the LoRA dtype."""
+    return (rows if mask is None else rows * mask).to(dtype)
 
 
 def _rowdot(left: torch.Tensor, right: torch.Tensor, scratch: Scratch) -> torch.Tensor:
@@ -343,14 +356,17 @@ class _LoraExpertsFunction(torch.autograd.Function):
         inputs, output = _split(flat, spec.num_inputs)
         tokens = routed.tokens
         token_rows = x.index_select(0, tokens) if any(p[2] is not None for p in inputs) else None
+        adapted = [p[2] is not None for p in (*inputs, output)]
+        widths = [p[0].shape[1] if a else None for p, a in zip((*inputs, output), adapted, strict=True)]
+        *input_masks, mask_o = _dropout_masks(routed, widths, x, spec.dropout)
         pre_activations, input_saved = [], []
         frozen = None  # one (T, out) buffer for the frozen products, reused (fresh large tensors cost page faults)
-        for weight, bias, lora_a, lora_b in inputs:
+        for (weight, bias, lora_a, lora_b), mask in zip(inputs, input_masks, strict=True):
             frozen = _linear(x, weight, bias, frozen)
             pre = frozen.index_select(0, tokens)
-            lora_rows = mask = scaled_a = None
+            lora_rows = scaled_a = None
             if lora_a is not None:
-                lora_rows, mask = _lora_input(token_rows, lora_a.dtype, spec)
+                lora_rows = _lora_input(token_rows, lora_a.dtype, mask)
                 scaled_a = expert_linear(lora_rows, lora_a, routed).mul_(spec.scaling)
                 expert_linear(scaled_a, lora_b, routed, out=pre)
             pre_activations.append(pre)
@@ -373,9 +389,9 @@ class _LoraExpertsFunction(torch.autograd.Function):
         out = F.linear(mixed.to(weight_o.dtype), weight_o)
         if bias_o is not None:
             out.addr_(slot_weights.sum(-1).to(out.dtype), bias_o)
-        lora_hidden = mask_o = lora_a_out = routed_scale = None
+        lora_hidden = lora_a_out = routed_scale = None
         if lora_a_o is not None:
-            lora_hidden, mask_o = _lora_input(hidden, lora_a_o.dtype, spec)
+            lora_hidden = _lora_input(hidden, lora_a_o.dtype, mask_o)
             lora_a_out = expert_linear(lora_hidden, lora_a_o, routed)
             routed_scale = pair_weights.to(lora_a_out.dtype).mul(spec.scaling).unsqueeze(-1)
             deltas = expert_linear(lora_a_out * routed_scale, lora_b_o, routed)
