@@ -18,9 +18,10 @@ elementwise passes over ``(pairs, intermediate)`` rows, which is what this modul
   ``addmm_`` over the experts' row blocks that accumulates into the rows in place (on CPU, where
   ``_grouped_mm`` is itself a loop of ``mm`` into a new tensor, so the loop saves a pass and an allocation);
 - tokens are recombined by a gather into slot order and one batched ``(1, k) @ (k, D)`` product per token, never
-  with ``index_add_`` (atomic on GPU; on CPU it is fast on one thread but slow with several); large temporaries
-  reuse one buffer per forward / backward (:class:`Scratch`) and the frozen products' buffer, because on CPU a fresh
-  tensor of tens of MB costs more in page faults than the pass over it;
+  with ``index_add_`` (atomic on GPU; on CPU it is fast on one thread but slow with several); on CPU the gathers
+  and products run in chunks through one small reused buffer (:class:`Scratch`), and the frozen products' buffer is
+  reused, because a fresh tensor of tens of MB is returned to the OS when freed and costs page faults (on a VM,
+  more than the pass over it) on every call;
 - :class:`_LoraExpertsFunction` writes the backward by hand instead of letting autograd store and replay every
   gather and scatter: no gradient for the frozen weights unless they require one, the LoRA weight gradients as
   grouped outer products, the routing weights' gradient as row-wise dot products, and buffers reused in place.
@@ -43,6 +44,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .experts import group_by_expert
+
+CPU_SCRATCH_BYTES = 8 * 2**20
+"""Chunk size of the temporaries on CPU: small enough that the allocator reuses the memory (a fresh tensor of tens
+of MB is handed back to the OS when freed and costs page faults again on each call) and that it stays in cache."""
 
 
 @dataclass(frozen=True)
@@ -168,27 +173,38 @@ class RoutedPairs:
     ) -> torch.Tensor:
         """``out[t] = sum_j slot_weights[t, j] * rows[pair of slot (t, j)]``: ``(P, D)`` -> ``(T, D)``.
 
-        One gather into slot order (into ``scratch`` when given) and one batched ``(1, k) @ (k, D)`` product per
-        token; empty slots read row 0 with weight 0. Written into ``out`` when it is a free buffer of that shape.
+        A gather into slot order (into ``scratch``, by token chunks on CPU) and a batched ``(1, k) @ (k, D)`` product
+        per token; empty slots read row 0 with weight 0. Written into ``out`` when it is a free buffer of that shape.
         """
         num_tokens, top_k, width = self.num_tokens, self.top_k, rows.shape[1]
         if out is None or out.shape != (num_tokens, width) or out.dtype != rows.dtype or not out.is_contiguous():
             out = rows.new_empty(num_tokens, width)
         if rows.shape[0] == 0:
             return out.zero_()
-        by_slot = scratch.take(num_tokens * top_k * width, rows) if scratch is not None else None
-        by_slot = torch.index_select(rows, 0, self.slot_pair, out=by_slot)
         weights = slot_weights.to(rows.dtype).unsqueeze(1)
-        torch.bmm(weights, by_slot.view(num_tokens, top_k, width), out=out.unsqueeze(1))
+        scratch = scratch if scratch is not None else Scratch()
+        step = scratch.rows_for(width * top_k, rows)
+        for start in range(0, num_tokens, step):
+            stop = min(start + step, num_tokens)
+            by_slot = scratch.take((stop - start) * top_k * width, rows)
+            torch.index_select(rows, 0, self.slot_pair[start * top_k : stop * top_k], out=by_slot)
+            by_slot = by_slot.view(stop - start, top_k, width)
+            torch.bmm(weights[start:stop], by_slot, out=out[start:stop].unsqueeze(1))
         return out
 
 
 class Scratch:
-    """One flat buffer reused by every temporary of one forward or backward: a fresh tensor of tens of MB costs
-    page faults on each call (much more than the pass over it, on CPU), one reused buffer costs them once."""
+    """One flat buffer reused by the temporaries of one forward or backward, chunk after chunk (see
+    :data:`CPU_SCRATCH_BYTES`); off CPU a chunk is the whole tensor."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
+
+    def rows_for(self, width: int, like: torch.Tensor) -> int:
+        """How many rows of ``width`` elements one chunk holds: all of them off CPU, ``CPU_SCRATCH_BYTES`` on CPU."""
+        if like.device.type != "cpu":
+            return 1 << 62
+        return max(1, CPU_SCRATCH_BYTES // (width * like.element_size()))
 
     def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         buffer = self.buffer
@@ -324,8 +340,14 @@ def _lora_input(rows: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | Non
 
 
 def _rowdot(left: torch.Tensor, right: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """``(left * right).sum(-1)`` with the product in ``scratch`` (``linalg.vecdot`` allocates it afresh)."""
-    return torch.mul(left, right, out=scratch.take(left.numel(), left)).sum(-1)
+    """``(left * right).sum(-1)`` with the product in ``scratch``, by chunks (``linalg.vecdot`` allocates it)."""
+    out = left.new_empty(left.shape[0])
+    step = scratch.rows_for(left.shape[1], left)
+    for start in range(0, left.shape[0], step):
+        stop = min(start + step, left.shape[0])
+        product = torch.mul(left[start:stop], right[start:stop], out=scratch.take((stop - start) * left.shape[1], left))
+        torch.sum(product, -1, out=out[start:stop])
+    return out
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor | None):
