@@ -77,6 +77,7 @@ class LoraExpertsArguments:
     activate_r: int = field(default=8, metadata={"help": "SMoRA: ranks active per token."})
     rank_partition: int = field(default=1, metadata={"help": "SMoRA: ranks per expert."})
     bias_balancing: str = field(default="per_step", metadata={"help": "SMoRA: per_step or original."})
+    bias_update_rate: float = field(default=1e-5, metadata={"help": "SMoRA: selection-bias step (the original's)."})
     compare_with_lora: bool = field(
         default=True, metadata={"help": "Also train plain LoRA with the same trainable-parameter budget."}
     )
@@ -190,6 +191,7 @@ def method_config(args: LoraExpertsArguments, method: str, lora_rank: int | None
             activate_r=args.activate_r,
             rank_partition=args.rank_partition,
             bias_balancing=args.bias_balancing,
+            bias_update_rate=args.bias_update_rate,
             lora_alpha=args.lora_alpha,
             **common,
         )
