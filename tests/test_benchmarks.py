@@ -1,6 +1,7 @@
 """The benchmark scripts run and write the JSON they promise (tiny sizes; timings are not asserted)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,3 +41,26 @@ def test_moe_block_benchmark_writes_json(tmp_path):
     assert set(report["results"]) == expected
     assert report["results"]["dense_floor"]["forward_vs_dense_floor"] == 1.0
     assert all(r["forward_backward_ms"] > 0 for r in report["results"].values())
+
+
+def test_mixlora_benchmark_quick_mode_writes_json(tmp_path):
+    import bench_mixlora
+
+    output = tmp_path / "mixlora.json"
+    bench_mixlora.main(["--quick", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["benchmark"] == "mixlora_ffn"
+    assert set(report["shape"]) == {"tokens", "hidden", "intermediate", "experts", "top_k", "rank"}
+    contenders = {"lora_floor", "moe_zoo_fused", "moe_zoo_naive", "mixlora_package"}
+    assert set(report["results"]) | set(report["skipped"]) == contenders
+    for name, timing in report["results"].items():
+        for key in ("forward_ms", "forward_backward_ms", "forward_vs_lora_floor", "forward_backward_vs_lora_floor"):
+            assert math.isfinite(timing[key]) and timing[key] > 0, (name, key)
+        if name != "lora_floor" and name != "moe_zoo_naive":
+            assert timing["max_abs_error_vs_naive"] <= 1e-5, name
+    assert report["results"]["lora_floor"]["forward_vs_lora_floor"] == 1.0
+    if "mixlora_package" in report["results"]:
+        assert set(report["fused_speedup"]) == {
+            "forward_package_over_fused",
+            "forward_backward_package_over_fused",
+        }

@@ -3,6 +3,8 @@ loss reaches the model's loss, merging is refused and bad configs are rejected."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -203,3 +205,30 @@ def test_disable_adapter_gives_the_base_model_and_generate_runs():
     assert torch.equal(disabled, expected)
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A_gate_proj" in n)
+
+
+def test_fused_matches_naive_with_a_bfloat16_base():
+    """A bf16 base FFN with the fp32 experts and router: the fused kernel casts where the naive path does, so both
+    agree to bf16 precision and the adapter gradients stay fp32."""
+    model = get_peft_model(tiny_causal_lm(), mixlora())
+    randomize_lora_b(model)
+    fused = ffns(model)[0]
+    fused.base_layer.to(torch.bfloat16)
+    naive = copy.deepcopy(fused)
+    naive.expert_forward["default"] = "naive"
+    x = torch.randn(2, 9, fused.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    results = []
+    for ffn in (fused, naive):
+        inputs = x.clone().requires_grad_()
+        out = ffn(inputs)
+        out.float().sum().backward()
+        grads = {name: p.grad for name, p in ffn.named_parameters() if p.grad is not None}
+        results.append((out.float(), inputs.grad.float(), grads))
+    (out_f, grad_x_f, grads_f), (out_n, grad_x_n, grads_n) = results
+    assert out_f.abs().max() > 0.1
+    assert (out_f - out_n).abs().max() <= 2e-2 * out_n.abs().max()
+    assert (grad_x_f - grad_x_n).abs().max() <= 3e-2 * grad_x_n.abs().max()
+    assert grads_f.keys() == grads_n.keys() and len(grads_f) == 7
+    for name, grad in grads_f.items():
+        assert grad.dtype == torch.float32, name
+        assert (grad - grads_n[name]).abs().max() <= 3e-2 * grads_n[name].abs().max(), name

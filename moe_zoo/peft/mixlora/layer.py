@@ -12,15 +12,16 @@ dropout(x)`` on every targeted projection (frozen ``W x + b`` on the others). Tw
   ``sum_e w_e (W h_e + b + B_e A_e h_e) = W (sum_e w_e h_e) + b * sum_e w_e + sum_e w_e B_e A_e h_e``. The bias term
   is ``b * sum_e w_e`` per token, not ``b``: the weights of a token need not sum to 1 (top-p's raw probabilities,
   switch's top-1 probability, a token dropped over capacity has none). The frozen FLOPs then equal the dense FFN's
-  (the original runs the output projection once per expert). With DoRA on the output projection see
-  :meth:`MixLoraFeedForward._fused`.
-- ``"naive"``: every expert runs the whole FFN on its tokens; a slow reference the tests compare against.
-
-Both still loop over experts in Python; a grouped kernel would replace the loop, not the algebra.
+  (the original runs the output projection once per expert). The layer hands its projections to the core's kernel
+  :func:`~moe_zoo.core.lora_experts.lora_experts_ffn` (all routed pairs at once, per-expert LoRA matmuls grouped,
+  a hand-written backward); DoRA experts take a per-expert loop instead, see :meth:`MixLoraFeedForward._fused`.
+- ``"naive"``: every expert runs the whole FFN on its tokens, looping over experts; a slow reference the tests
+  compare against.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch import nn
 
 from ...core.capacity import drop_over_capacity
 from ...core.experts import group_by_expert
+from ...core.lora_experts import GatedCombine, LoraProjection, lora_experts_ffn
 from ...core.options import MoeOptions
 from ...core.recording import report_routing
 from ...core.routing import Router, RouterOutput, TopKRouter, TopPRouter
@@ -108,6 +110,17 @@ def ffn_layout_of(module: nn.Module) -> FfnLayout | None:
 def supported_layouts() -> str:
     """The supported layouts, for error messages."""
     return "; ".join(layout.name for layout in FFN_LAYOUTS)
+
+
+def kernel_combine(layout: FfnLayout, act: Activation) -> Callable[..., torch.Tensor]:
+    """``layout.combine`` with the activation bound, for the core kernel: the gated layouts get
+    :class:`~moe_zoo.core.lora_experts.GatedCombine` (same values, a backward in place), any other layout its own
+    function, which the kernel differentiates with autograd."""
+    if layout.combine is _gated:
+        return GatedCombine(act)
+    if layout.combine is _chunked_gate_up:
+        return GatedCombine(act, chunked=True)
+    return functools.partial(layout.combine, act)
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -321,15 +334,45 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         for expert, span in groups.spans():
             yield expert, groups.tokens[span], routed_weights[span]
 
+    def _expert_projection(self, adapter: str, name: str) -> LoraProjection:
+        """Projection ``name`` of the base FFN with the experts' stacked LoRA pair (None if not targeted)."""
+        linear = getattr(self.base_layer, name)
+        if name not in self.targeted[adapter]:
+            return LoraProjection(linear.weight, linear.bias)
+        lora_a = getattr(self, f"lora_A_{name}")[adapter]
+        lora_b = getattr(self, f"lora_B_{name}")[adapter]
+        return LoraProjection(linear.weight, linear.bias, lora_a, lora_b)
+
+    def _fused(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """All routed pairs at once through the core's LoRA-expert kernel (frozen projections once per token).
+
+        DoRA experts rescale each expert's projection by its own ``m_e / ||W + s B_e A_e||``, which the kernel does
+        not model: they take :meth:`_fused_dora`, the same algebra looping over experts."""
+        if self.use_dora[adapter]:
+            return self._fused_dora(adapter, x, weights, indices)
+        dropout = self.expert_dropout[adapter]
+        return lora_experts_ffn(
+            x,
+            weights,
+            indices,
+            self.moe_gate[adapter].num_experts,
+            inputs=[self._expert_projection(adapter, name) for name in self.layout.input_projections],
+            combine=kernel_combine(self.layout, self.activation),
+            output=self._expert_projection(adapter, self.layout.output_projection),
+            scaling=self.expert_scaling[adapter],
+            dropout=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
+        )
+
     def _weight_sums(self, adapter: str, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
         """``sum_e w_e (T, 1)`` over each token's routed experts (empty slots excluded): the multiple of the output
         projection's bias the mixture carries."""
         routed = indices < self.moe_gate[adapter].num_experts
         return (weights * routed).sum(dim=-1, keepdim=True).to(dtype)
 
-    def _fused(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Frozen input projections once over all tokens; per routed pair only the LoRA deltas; the frozen output
-        projection once on ``sum_e w_e h_e``, plus ``sum_e w_e s B_e A_e h_e`` and ``b * sum_e w_e``.
+    def _fused_dora(self, adapter: str, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+        """The fused algebra with DoRA experts, looping over experts: frozen input projections once over all tokens;
+        per routed pair only the (rescaled) LoRA deltas; the frozen output projection once on ``sum_e w_e h_e``,
+        plus ``sum_e w_e s B_e A_e h_e`` and ``b * sum_e w_e``.
 
         With DoRA on the output projection, expert ``e``'s output ``m_e / ||W + s B_e A_e|| * (W h_e + ...)``
         rescales each output feature differently per expert, so ``W`` cannot be factored out of the sum: the frozen
