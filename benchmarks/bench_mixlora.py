@@ -25,13 +25,11 @@ import ctypes
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from timing import interleaved_medians
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -136,33 +134,6 @@ def _mixlora_package(reference: MixLoraFeedForward, top_k: int, rank: int) -> nn
     return _PackageLayer(moe, router, experts)
 
 
-def _steps(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], None]]:
-    def forward():
-        with torch.no_grad():
-            module(x)
-
-    def forward_backward():
-        inputs = x.detach().requires_grad_(True)
-        module(inputs).sum().backward()
-        module.zero_grad(set_to_none=True)
-
-    return {"forward_ms": forward, "forward_backward_ms": forward_backward}
-
-
-def _interleaved_medians(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict:
-    """Median times, with the variants run round-robin so that background load hits all of them alike."""
-    steps = {name: _steps(module, x) for name, module in variants.items()}
-    samples = {name: {key: [] for key in fns} for name, fns in steps.items()}
-    for round_index in range(repeats + 1):  # round 0 warms up
-        for name, fns in steps.items():
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                if round_index:
-                    samples[name][key].append((time.perf_counter() - start) * 1e3)
-    return {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
-
-
 def _max_error(variants: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
     """Largest output difference of each MixLoRA variant to the naive path (all compute the same function)."""
     with torch.no_grad():
@@ -192,7 +163,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
     else:
         variants["mixlora_package"] = package
     errors = _max_error(variants, x)
-    results = _interleaved_medians(variants, x, repeats)
+    results = interleaved_medians(variants, x, repeats)
     floor = results["lora_floor"]
     for name, timing in results.items():
         for key in ("forward_ms", "forward_backward_ms"):

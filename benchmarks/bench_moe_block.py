@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import interleaved_medians
 from transformers import MixtralConfig, PreTrainedConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -28,35 +27,6 @@ BATCHED_MM_MAX_BYTES = 2 * 2**30
 
 class BenchConfig(PreTrainedConfig, MoeOptions):
     model_type = "moe_zoo_bench"
-
-
-def _steps(module: torch.nn.Module, x: torch.Tensor) -> dict:
-    def forward():
-        with torch.no_grad():
-            module(x)
-
-    def forward_backward():
-        inputs = x.detach().requires_grad_(True)
-        out = module(inputs)
-        out = out[0] if isinstance(out, tuple) else out
-        out.sum().backward()
-        module.zero_grad(set_to_none=True)
-
-    return {"forward_ms": forward, "forward_backward_ms": forward_backward}
-
-
-def _interleaved_medians(variants: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict:
-    """Median times, with the variants run round-robin so that background load hits all of them alike."""
-    steps = {name: _steps(module, x) for name, module in variants.items()}
-    samples = {name: {key: [] for key in fns} for name, fns in steps.items()}
-    for round_index in range(repeats + 1):  # round 0 warms up
-        for name, fns in steps.items():
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                if round_index:
-                    samples[name][key].append((time.perf_counter() - start) * 1e3)
-    return {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
 
 
 def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, repeats: int) -> dict:
@@ -88,7 +58,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         variants[f"transformers_mixtral[{implementation}]"] = reference
     variants["dense_floor"] = GatedMLP(hidden, top_k * intermediate, "silu")
 
-    results = _interleaved_medians(variants, x, repeats)
+    results = interleaved_medians(variants, x, repeats)
     floor = results["dense_floor"]
     for timing in results.values():
         for key in ("forward_ms", "forward_backward_ms"):

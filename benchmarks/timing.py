@@ -1,0 +1,45 @@
+"""What every benchmark times the same way: a module's forward and forward+backward, run round-robin.
+
+Benchmarks import it as a sibling module (``python benchmarks/bench_x.py`` puts ``benchmarks/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def forward_steps(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """``forward_ms`` (no grad) and ``forward_backward_ms`` (the input requires grad; a tuple output's first item is
+    the one differentiated; gradients are dropped after each run)."""
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def forward_backward():
+        inputs = x.detach().requires_grad_(True)
+        out = module(inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+        module.zero_grad(set_to_none=True)
+
+    return {"forward_ms": forward, "forward_backward_ms": forward_backward}
+
+
+def interleaved_medians(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict:
+    """Median times in ms, with the variants run round-robin so that background load hits all of them alike."""
+    steps = {name: forward_steps(module, x) for name, module in variants.items()}
+    samples = {name: {key: [] for key in fns} for name, fns in steps.items()}
+    for round_index in range(repeats + 1):  # round 0 warms up
+        for name, fns in steps.items():
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                if round_index:
+                    samples[name][key].append((time.perf_counter() - start) * 1e3)
+    return {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
