@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .experts import group_by_expert
+from .experts import ExpertGroups, group_by_expert
 
 CPU_SCRATCH_BYTES = 8 * 2**20
 """Chunk size of the temporaries on CPU: small enough that the allocator reuses the memory (a fresh tensor of tens
@@ -125,21 +125,18 @@ class GatedCombine:
 
 
 @dataclass
-class RoutedPairs:
+class RoutedPairs(ExpertGroups):
     """The routed (token, expert) pairs of a ``(T, k)`` index tensor, in the layout the kernel works in.
 
-    Pairs are sorted by expert (tokens ascending within an expert); ``tokens[p]`` is pair ``p``'s token row and
-    ``pairs[p]`` its flat slot (``token * k + choice``). ``slot_pair[s]`` maps each slot back to its pair row (0 for
-    an empty slot, whose ``slot_mask`` is 0), so a per-pair tensor is put back in token order by one gather.
-    ``offsets`` (int32, cumulative counts) are what ``torch._grouped_mm`` takes, ``spans`` what the loop takes.
+    :func:`~moe_zoo.core.experts.group_by_expert`'s sort (``pairs``, ``tokens``, ``counts``, ``spans()``), plus:
+    ``slot_pair[s]`` maps each slot back to its pair row (0 for an empty slot, whose ``slot_mask`` is 0), so a
+    per-pair tensor is put back in token order by one gather; ``offsets`` (int32, cumulative counts) are what
+    ``torch._grouped_mm`` takes.
     """
 
     num_tokens: int
     top_k: int
     num_experts: int
-    tokens: torch.Tensor
-    pairs: torch.Tensor
-    counts: list[int]
     offsets: torch.Tensor
     slot_pair: torch.Tensor
     slot_mask: torch.Tensor
@@ -148,15 +145,6 @@ class RoutedPairs:
     @property
     def num_pairs(self) -> int:
         return self.tokens.shape[0]
-
-    @functools.cached_property
-    def spans(self) -> list[tuple[int, slice]]:
-        spans, start = [], 0
-        for expert, count in enumerate(self.counts):
-            if count:
-                spans.append((expert, slice(start, start + count)))
-            start += count
-        return spans
 
     def slot_values(self, per_pair: torch.Tensor) -> torch.Tensor:
         """A ``(P,)`` per-pair value laid out per slot as ``(T, k)``, 0 in empty slots."""
@@ -283,10 +271,10 @@ def expert_linear(
         return result if out is None else out.add_(result.to(out.dtype))
     if out is None:
         out = rows.new_empty(rows.shape[0], weight.shape[1])
-        for expert, span in routed.spans:
+        for expert, span in routed.spans():
             torch.mm(rows[span], mat_b[expert], out=out[span])
     else:
-        for expert, span in routed.spans:
+        for expert, span in routed.spans():
             out[span].addmm_(rows[span].to(out.dtype), mat_b[expert].to(out.dtype))
     return out
 
@@ -300,7 +288,7 @@ def expert_outer(left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs) -
     if _use_grouped(routed, mat_a, right) and left.shape[0]:
         return torch._grouped_mm(mat_a, right, offs=routed.offsets)
     out = left.new_zeros(routed.num_experts, left.shape[1], right.shape[1])
-    for expert, span in routed.spans:
+    for expert, span in routed.spans():
         torch.mm(mat_a[:, span], right[span], out=out[expert])
     return out
 
@@ -327,7 +315,7 @@ def _dropout_masks(
     if not p:
         return [None] * len(widths)
     masks = [None if w is None else like.new_empty(routed.num_pairs, w) for w in widths]
-    for _, span in routed.spans:
+    for _, span in routed.spans():
         for mask in masks:
             if mask is not None:
                 mask[span].bernoulli_(1.0 - p).div_(1.0 - p)
