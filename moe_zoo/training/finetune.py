@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
@@ -73,9 +74,8 @@ def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_leng
     return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
 
 
-def build_model(args: UpcycleFinetuneArguments) -> tuple[UpcycledMoeForCausalLM, PreTrainedTokenizerBase]:
-    """The upcycled model (router loss on) and the dense model's tokenizer (with a pad token)."""
-    model_path = args.model_path
+def load_causal_lm(model_path: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local causal LM in fp32 (default: the shipped SmolLM2-135M-Instruct) and its tokenizer, with a pad token."""
     if model_path is None:
         from ..assets import smollm2_path
 
@@ -83,7 +83,12 @@ def build_model(args: UpcycleFinetuneArguments) -> tuple[UpcycledMoeForCausalLM,
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dense = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), tokenizer
+
+
+def build_model(args: UpcycleFinetuneArguments) -> tuple[UpcycledMoeForCausalLM, PreTrainedTokenizerBase]:
+    """The upcycled model (router loss on) and the dense model's tokenizer (with a pad token)."""
+    dense, tokenizer = load_causal_lm(args.model_path)
     torch.manual_seed(args.upcycle_seed)
     model = upcycle(
         dense,

@@ -33,10 +33,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainingArguments,
 )
@@ -45,6 +42,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..atomic_io import atomic_write_text
 from ..peft import MixLoraConfig, SmoraConfig
 from .callbacks import SelectionBiasCallback
+from .finetune import load_causal_lm
 from .instruction_mix import TASK_FAMILIES, InstructionExample, instruction_mix, split_heldout
 from .routing_stats import RoutingStatsTrainer, max_load_ratio
 
@@ -85,7 +83,6 @@ class LoraExpertsArguments:
     heldout_every: int = field(default=5, metadata={"help": "Hold out every n-th example of each sub-task."})
     max_length: int = 384
     eval_batch_size: int = 4
-    seed_model: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -163,9 +160,10 @@ def lora_parameters_per_rank(model: nn.Module, targets: list[str]) -> int:
     return total
 
 
-def matched_lora_rank(trainable_parameters: int, model: nn.Module, targets: list[str]) -> int:
-    """The plain-LoRA rank whose trainable-parameter count is closest to ``trainable_parameters``."""
-    return max(1, round(trainable_parameters / lora_parameters_per_rank(model, targets)))
+def matched_lora_rank(trainable_parameters: int, parameters_per_rank: int) -> int:
+    """The plain-LoRA rank whose trainable-parameter count (``rank * parameters_per_rank``, see
+    :func:`lora_parameters_per_rank`) is closest to ``trainable_parameters``."""
+    return max(1, round(trainable_parameters / parameters_per_rank))
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -201,19 +199,6 @@ def method_config(args: LoraExpertsArguments, method: str, lora_rank: int | None
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
 
 
-def load_base(args: LoraExpertsArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base causal LM in fp32 (a fresh copy for every contender) and its tokenizer, with a pad token."""
-    model_path = args.model_path
-    if model_path is None:
-        from ..assets import smollm2_path
-
-        model_path = str(smollm2_path())
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), tokenizer
-
-
 def _checkpoint_to_resume(resume, output_dir: Path) -> str | None:
     if resume in ("true", "True", True):
         return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -234,7 +219,7 @@ def train_one(
     if resume in ("true", "True", True) and results_file.is_file():
         logger.info("%s already finished in %s; keeping its results.", method, run_dir)
         return json.loads(results_file.read_text())
-    base, tokenizer = load_base(args)
+    base, tokenizer = load_causal_lm(args.model_path)
     model = get_peft_model(base, method_config(args, method, lora_rank))
     train_set, heldout_set = data
     run_args = dataclasses.replace(training_args, output_dir=str(run_dir), remove_unused_columns=False)
@@ -252,7 +237,7 @@ def train_one(
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     results = {
         "method": method,
-        "peft_config": model.peft_config["default"].to_dict(),
+        "peft_config": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=str)),
         "trainable_parameters": trainable_parameter_count(model),
         "train_loss": output.training_loss,
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -265,20 +250,20 @@ def train_one(
     if trainer.expert_counts:
         results["expert_counts"] = {name: counts.tolist() for name, counts in trainer.expert_counts.items()}
         results["run_expert_load_max_ratio"] = max_load_ratio(list(trainer.expert_counts.values()))
-    results["peft_config"] = json.loads(json.dumps(results["peft_config"], default=str))
     atomic_write_text(results_file, json.dumps(results, indent=2))
     return results
 
 
 def run(args: LoraExpertsArguments, training_args: TrainingArguments) -> dict:
     """Train the method (and plain LoRA at the same budget), write ``output_dir/results.json``, return it."""
-    base, tokenizer = load_base(args)
+    base, tokenizer = load_causal_lm(args.model_path)
     families = [family.strip() for family in args.task_families.split(",") if family.strip()]
     train_examples, heldout_examples = split_heldout(instruction_mix(families), args.heldout_every)
     data = (
         encode_examples(train_examples, tokenizer, args.max_length),
         encode_examples(heldout_examples, tokenizer, args.max_length),
     )
+    lora_rank_cost = lora_parameters_per_rank(base, args.targets)
     summary = {
         "base_model": args.model_path or "SmolLM2-135M-Instruct (shipped)",
         "train_examples": len(data[0]),
@@ -290,9 +275,7 @@ def run(args: LoraExpertsArguments, training_args: TrainingArguments) -> dict:
     method = train_one(args, training_args, args.method, data)
     summary["runs"][args.method] = method
     if args.compare_with_lora and args.method != "lora":
-        reference, _ = load_base(args)
-        rank = matched_lora_rank(method["trainable_parameters"], reference, args.targets)
-        del reference
+        rank = matched_lora_rank(method["trainable_parameters"], lora_rank_cost)
         summary["runs"]["lora"] = train_one(args, training_args, "lora", data, lora_rank=rank)
     atomic_write_text(Path(training_args.output_dir) / "results.json", json.dumps(summary, indent=2))
     _print_summary(summary)

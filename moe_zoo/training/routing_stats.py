@@ -77,7 +77,8 @@ class RoutingStatsTrainer(Trainer):
             self._window_aux.append(float(aux.detach()))
         return (loss, outputs) if return_outputs else loss
 
-    def _summed_over_processes(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    def _reduced_over_processes(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """``tensor`` reduced (``"sum"`` or ``"mean"``) over all processes; each routes its own shard of the batch."""
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction=reduction).cpu()
@@ -86,9 +87,9 @@ class RoutingStatsTrainer(Trainer):
         if "loss" in logs:
             if self._window_aux:
                 aux = torch.tensor(sum(self._window_aux) / len(self._window_aux))
-                logs["aux_loss"] = round(self._summed_over_processes(aux, "mean").item(), 6)
+                logs["aux_loss"] = round(self._reduced_over_processes(aux, "mean").item(), 6)
             if self._window_counts:
-                window = {name: self._summed_over_processes(c) for name, c in sorted(self._window_counts.items())}
+                window = {name: self._reduced_over_processes(c) for name, c in sorted(self._window_counts.items())}
                 logs["expert_load_max_ratio"] = round(max_load_ratio(list(window.values())), 4)
                 for name, counts in window.items():
                     previous = self.expert_counts.get(name)
