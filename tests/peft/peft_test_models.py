@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
+from safetensors.torch import load_file
 from transformers import (
+    AutoModelForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
@@ -160,3 +165,25 @@ def copy_lora_into_mixlora(lora, mix, ffn_projections) -> int:
                     target.lora_magnitude_vector["default"].weight.copy_(parts["magnitude"])
             copied += 1
     return copied
+
+
+def save_adapter(model: torch.nn.Module, adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Save ``model``'s adapter and return ``(adapter_config.json, weights)``, checking what every PEFT method must
+    write: the two files, and keys free of the adapter name and of frozen base weights."""
+    model.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    assert not any("default" in key for key in weights), "adapter name leaked into the saved keys"
+    assert not any("base_layer" in key for key in weights), "frozen base weights were saved with the adapter"
+    return json.loads((adapter_dir / "adapter_config.json").read_text()), weights
+
+
+def reload_adapter(base_dir, adapter_dir, config_cls: type, tuner_cls: type) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The adapter loaded back both ways, ``PeftModel.from_pretrained`` on the base folder and
+    ``AutoPeftModelForCausalLM``, in eval mode, after checking the config and tuner classes PEFT dispatched to."""
+    assert isinstance(PeftConfig.from_pretrained(adapter_dir), config_cls)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).eval(), adapter_dir)
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    assert isinstance(reloaded.base_model, tuner_cls) and isinstance(auto.base_model, tuner_cls)
+    return reloaded, auto
