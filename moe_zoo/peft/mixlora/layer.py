@@ -220,6 +220,8 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
             )
         self.base_layer = base_layer
         self.layout = layout
+        # Built once: GatedCombine probes the activation for SiLU, which must not run on every forward.
+        self.kernel_combine = kernel_combine(layout, getattr(base_layer, layout.activation))
         self.hidden_size = getattr(base_layer, layout.output_projection).out_features
         self.moe_gate = nn.ModuleDict()
         for name in self.adapter_layer_names[1:]:
@@ -357,7 +359,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
             indices,
             self.moe_gate[adapter].num_experts,
             inputs=[self._expert_projection(adapter, name) for name in self.layout.input_projections],
-            combine=kernel_combine(self.layout, self.activation),
+            combine=self.kernel_combine,
             output=self._expert_projection(adapter, self.layout.output_projection),
             scaling=self.expert_scaling[adapter],
             dropout=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
