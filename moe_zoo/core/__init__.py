@@ -15,7 +15,8 @@ from .experts import (
     PlainExpertsBase,
     PlainMLP,
 )
-from .lora_experts import GatedCombine, LoraProjection, RoutedPairs, lora_experts_ffn, route_pairs
+from .gated_combine import GatedCombine
+from .lora_experts import LoraProjection, lora_experts_ffn
 from .losses import (
     dynmoe_diverse_simple_loss,
     gshard_load_balancing_loss,
@@ -33,6 +34,7 @@ from .options import (
     validate_moe_options,
 )
 from .recording import LayerRouting, collect_routing, report_routing
+from .routed_pairs import RoutedPairs, route_pairs
 from .routing import (
     DenseToSparseRouter,
     Router,

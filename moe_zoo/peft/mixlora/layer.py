@@ -33,7 +33,8 @@ from torch import nn
 
 from ...core.capacity import drop_over_capacity
 from ...core.experts import group_by_expert
-from ...core.lora_experts import GatedCombine, LoraProjection, lora_experts_ffn
+from ...core.gated_combine import GatedCombine
+from ...core.lora_experts import LoraProjection, lora_experts_ffn
 from ...core.options import MoeOptions
 from ...core.recording import report_routing
 from ...core.routing import Router, RouterOutput, TopKRouter, TopPRouter
