@@ -187,16 +187,27 @@ def expert_linear(
 
 
 def expert_outer(left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs) -> torch.Tensor:
-    """``out[e] = sum_{p in e} left[p] right[p]^T``, ``(E, a, b)`` from ``left (P, a)`` and ``right (P, b)``: the
-    weight gradient of :func:`expert_linear` (zero for an expert without pairs)."""
-    if right.shape[1] < left.shape[1]:  # skinny product as (b, a) rows: faster on CPU (MKL), returned transposed
-        return expert_outer(right, left, routed).transpose(1, 2)
+    """``out[e] = sum_{p in e} left[p] right[p]^T``, a contiguous ``(E, a, b)`` from ``left (P, a)`` and
+    ``right (P, b)``: the weight gradient of :func:`expert_linear` (zero for an expert without pairs).
+
+    Contiguous, because autograd copies a gradient whose strides differ from its parameter's (for a full expert
+    bank that copy costs more than the products). When ``b < a`` each product is computed as its transpose,
+    ``right^T left``, written into the transposed view of ``out[e]``: MKL runs the narrower side as rows about
+    1.6x faster (measured for a LoRA rank and for ``H < 2I``), and no copy is made."""
     mat_a = left.t()
     if _use_grouped(routed, mat_a, right) and left.shape[0]:
         return torch._grouped_mm(mat_a, right, offs=routed.offsets)
-    out = left.new_zeros(routed.num_experts, left.shape[1], right.shape[1])
+    out = left.new_empty(routed.num_experts, left.shape[1], right.shape[1])
+    transposed = right.shape[1] < left.shape[1]
+    used = [False] * routed.num_experts
     for expert, span in routed.spans():
-        torch.mm(mat_a[:, span], right[span], out=out[expert])
+        if transposed:
+            torch.mm(right[span].t(), left[span], out=out[expert].t())
+        else:
+            torch.mm(mat_a[:, span], right[span], out=out[expert])
+        used[expert] = True
+    for expert in (e for e, u in enumerate(used) if not u):
+        out[expert].zero_()
     return out
 
 
