@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+from .core.fused_experts import register_experts_implementation
 from .modeling.moe_llava import MoeLlavaConfig, MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaProcessor
 from .modeling.upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
 
 def register_auto_classes() -> None:
+    register_experts_implementation()  # first: the models' default experts implementation
     AutoConfig.register(UpcycledMoeConfig.model_type, UpcycledMoeConfig, exist_ok=True)
     AutoModelForCausalLM.register(UpcycledMoeConfig, UpcycledMoeForCausalLM, exist_ok=True)
     AutoConfig.register(MoeLlavaConfig.model_type, MoeLlavaConfig, exist_ok=True)

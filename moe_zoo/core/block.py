@@ -16,6 +16,7 @@ from transformers import initialization as init
 
 from .capacity import drop_over_capacity, expert_capacity
 from .experts import ConstantExperts, GatedExperts, GatedMLP, PlainExperts, PlainMLP
+from .fused_experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 from .recording import report_routing
 from .routing import build_router, routes_variable_experts
 
@@ -96,7 +97,9 @@ class SparseMoeBlock(nn.Module):
         return output.reshape(shape)
 
     def _run_ffn_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if not (self.routes_variable_experts or self.current_capacity_factor() is not None):
+        if self.config._experts_implementation == EXPERTS_IMPLEMENTATION or not (
+            self.routes_variable_experts or self.current_capacity_factor() is not None
+        ):  # moe_zoo's implementation skips empty slots (any index >= num_experts) itself
             return self.experts(x, indices, weights)
         # Variable experts per token: hand the expert bank only the real (token, expert) pairs, one per row,
         # so every experts implementation sees a dense (P, 1) routing and no compute goes to empty slots.

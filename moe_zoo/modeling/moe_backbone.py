@@ -19,6 +19,7 @@ from transformers.utils.logging import tqdm
 from ..atomic_io import save_files_atomically
 from ..core.block import SparseMoeBlock
 from ..core.experts import ConstantExperts, GatedExpertsBase, PlainExpertsBase
+from ..core.fused_experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 from ..core.losses import router_aux_loss
 from ..core.options import resolve_moe_layers
 from ..core.routing import Router, TopAnyRouter
@@ -113,6 +114,11 @@ class MoeModelMixin:
         "experts_mask",
     ]
     _can_compile_fullgraph = False  # variable routing (top-p, top-any, capacity) is data-dependent
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """moe_zoo's own experts implementation (:mod:`moe_zoo.core.fused_experts`) unless another is asked for;
+        transformers' default would be ``grouped_mm``."""
+        return super().get_correct_experts_implementation(requested_experts or EXPERTS_IMPLEMENTATION)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated

@@ -1,4 +1,4 @@
-"""Our SparseMoeBlock against transformers' own MoE blocks, with the same weights (fp32, outputs and input grads)."""
+"""Our SparseMoeBlock (with every experts implementation, moe_zoo's included) against transformers' own MoE blocks, with the same weights (fp32, outputs and input grads)."""
 
 import pytest
 import torch
@@ -10,7 +10,12 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from moe_zoo.core import MoeOptions, SparseMoeBlock
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 16, 24, 6, 2
-IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm"]
+IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm", "moe_zoo"]
+
+
+def reference_implementation(implementation: str) -> str:
+    """transformers' block runs the same implementation, except ours, which is checked against its eager loop."""
+    return "eager" if implementation == "moe_zoo" else implementation
 
 
 class BlockConfig(PreTrainedConfig, MoeOptions):
@@ -57,7 +62,7 @@ def test_matches_mixtral_block(implementation):
     ref_config = MixtralConfig(
         hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K
     )
-    ref_config._experts_implementation = implementation
+    ref_config._experts_implementation = reference_implementation(implementation)
     reference = MixtralSparseMoeBlock(ref_config)
     _randomise(reference)
     config = BlockConfig(num_experts=EXPERTS, num_experts_per_tok=TOP_K, router_type="softmax_topk")
@@ -77,7 +82,7 @@ def test_matches_qwen2_moe_block_with_shared_expert(implementation):
         num_experts_per_tok=TOP_K,
         norm_topk_prob=False,
     )
-    ref_config._experts_implementation = implementation
+    ref_config._experts_implementation = reference_implementation(implementation)
     reference = Qwen2MoeSparseMoeBlock(ref_config)
     _randomise(reference)
     config = BlockConfig(
@@ -103,7 +108,7 @@ def test_matches_qwen3_moe_block(implementation):
         num_experts_per_tok=TOP_K,
         norm_topk_prob=True,
     )
-    ref_config._experts_implementation = implementation
+    ref_config._experts_implementation = reference_implementation(implementation)
     reference = Qwen3MoeSparseMoeBlock(ref_config)
     _randomise(reference)
     config = BlockConfig(num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True)

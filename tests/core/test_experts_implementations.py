@@ -1,4 +1,4 @@
-"""eager, batched_mm and grouped_mm agree for our expert banks, also with a variable number of experts per token,
+"""eager, batched_mm, grouped_mm and moe_zoo's own implementation agree for our expert banks, also with a variable number of experts per token,
 and the zero-computation / shared experts compute what they promise."""
 
 import pytest
@@ -51,12 +51,13 @@ def _run(block: SparseMoeBlock, x: torch.Tensor):
 def test_implementations_agree(routing, gated):
     x = torch.randn(4, 9, HIDDEN, generator=torch.Generator().manual_seed(3))
     results = {
-        impl: _run(_block(impl, gated, **ROUTINGS[routing]), x) for impl in ("eager", "batched_mm", "grouped_mm")
+        impl: _run(_block(impl, gated, **ROUTINGS[routing]), x)
+        for impl in ("eager", "batched_mm", "grouped_mm", "moe_zoo")
     }
     out, x_grad, grads = results["eager"]
     assert out.abs().max() > 1e-3  # the experts really ran
     assert "experts.down_proj" in grads and grads["experts.down_proj"].abs().max() > 0
-    for impl in ("batched_mm", "grouped_mm"):
+    for impl in ("batched_mm", "grouped_mm", "moe_zoo"):
         other_out, other_x_grad, other_grads = results[impl]
         torch.testing.assert_close(other_out, out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(other_x_grad, x_grad, atol=1e-5, rtol=1e-5)
@@ -96,7 +97,7 @@ def _reference_with_special_experts(block: SparseMoeBlock, x: torch.Tensor) -> t
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "moe_zoo"])
 def test_zero_computation_experts(implementation):
     block = _block(
         implementation,

@@ -1,0 +1,211 @@
+"""moe_zoo's experts implementation: one sort, one matmul per expert and projection, a hand-written backward.
+
+Registered in transformers' ``ExpertsInterface`` as ``"moe_zoo"`` (on ``import moe_zoo``) and the default of the
+moe_zoo models, so ``from_pretrained(..., experts_implementation="moe_zoo")`` also runs it on transformers' own
+MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, ...). What it does differently from transformers' ``eager`` (a loop
+over experts with a mask each and ``index_add_``) and ``grouped_mm`` (autograd through gathers, a permutation and
+``_grouped_mm``):
+
+- the pairs are sorted by expert once (:func:`~moe_zoo.core.routed_pairs.route_pairs`, which also handles empty
+  slots: top-p / top-any padding, null experts and capacity-dropped tokens cost nothing, with no Python loop over
+  tokens); ``gate`` and ``up`` are one ``(E, 2I, H)`` matmul per expert (or one ``torch._grouped_mm`` on CUDA);
+- :class:`~moe_zoo.core.gated_combine.GatedCombine` applies ``act(gate) * up`` and differentiates it in place;
+- the routing weights are applied inside the per-token sum (a gather and a ``(1, k) @ (k, H)`` product per token,
+  no ``index_add_``, no per-token copy of any weight);
+- :class:`_ExpertsFunction` writes the backward by hand: it saves the gathered rows, the pre-activations and the
+  hidden activations (not the expert outputs: the routing weights' gradient is ``<W_d^T g, h> + <g, b_d>``, the
+  product SonicMoE uses), gets every weight gradient as one outer product per expert, and never replays
+  autograd's gathers and scatters.
+
+Layouts: gated experts (``gate_up_proj (E, 2I, H)``, ``[gate; up]`` concatenated, ``down_proj (E, H, I)``), plain
+experts (``up_proj`` + activation), either with biases, transposed storage (``(E, H, 2I)``) and a class's own
+``_apply_gate`` (GPT-OSS's clamped, interleaved SwiGLU, differentiated by autograd) included. A post-expert norm
+or expert parallelism falls back to transformers' ``grouped_mm`` implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+
+from .gated_combine import GatedCombine
+from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, route_pairs, rowdot
+
+IMPLEMENTATION_NAME = "moe_zoo"
+"""The name under which :func:`moe_zoo_experts_forward` is registered in transformers' ``ExpertsInterface``."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    combine: Callable[..., torch.Tensor]
+    differentiable: bool
+
+
+def _add_expert_bias(rows: torch.Tensor, bias: torch.Tensor | None, routed: RoutedPairs) -> None:
+    """``rows[p] += bias[expert of p]`` in place, one broadcast add per expert's row block."""
+    if bias is None:
+        return
+    for expert, span in routed.spans():
+        rows[span].add_(bias[expert].to(rows.dtype))
+
+
+def _expert_sums(rows: torch.Tensor, routed: RoutedPairs, num_experts: int) -> torch.Tensor:
+    """``out[e] = sum of the rows of expert e``: the gradient of a per-expert bias."""
+    out = rows.new_zeros(num_experts, rows.shape[1])
+    for expert, span in routed.spans():
+        torch.sum(rows[span], 0, out=out[expert])
+    return out
+
+
+class _ExpertsFunction(torch.autograd.Function):
+    """Forward and hand-written backward of the expert bank for the expert-sorted pairs of ``routed``.
+
+    Inputs: ``x (T, H)``, ``pair_weights (P,)`` (routing weight of each sorted pair; its gradient reaches
+    ``top_k_weights`` through the caller's gather), ``up_weight (E, U, H)`` (``U = 2I`` for gated experts),
+    ``up_bias (E, U)`` or None, ``down_weight (E, H, I)``, ``down_bias (E, H)`` or None.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, routed: RoutedPairs, x, pair_weights, up_weight, up_bias, down_weight, down_bias):
+        rows = x.index_select(0, routed.tokens)
+        pre = expert_linear(rows, up_weight, routed)
+        _add_expert_bias(pre, up_bias, routed)
+        own_backward = hasattr(spec.combine, "backward")
+        hidden_graph = leaf = None
+        if spec.differentiable and not own_backward:
+            with torch.enable_grad():  # a local graph of the activation only, differentiated in backward
+                leaf = pre.requires_grad_()
+                hidden_graph = spec.combine(leaf)
+            hidden = hidden_graph.detach()
+        else:
+            hidden = spec.combine(pre)
+        down = expert_linear(hidden, down_weight, routed)
+        _add_expert_bias(down, down_bias, routed)
+        slot_weights = routed.slot_values(pair_weights.to(down.dtype))
+        out = routed.sum_per_token(down, slot_weights)
+        if not spec.differentiable:
+            return out
+        ctx.spec, ctx.routed = spec, routed
+        ctx.combine_graph = (hidden_graph, leaf)  # None, None when combine has its own backward
+        ctx.has_bias = (up_bias is not None, down_bias is not None)
+        saved_pre = pre if hidden_graph is None else None  # else the local graph holds it
+        ctx.save_for_backward(rows, pair_weights, hidden, saved_pre, up_weight, down_weight, down_bias)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        spec, routed = ctx.spec, ctx.routed
+        rows, pair_weights, hidden, pre, up_weight, down_weight, down_bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        num_experts = up_weight.shape[0]
+        scratch = Scratch()
+        grad_pair_out = grad_out.to(hidden.dtype).index_select(0, routed.tokens)  # g of each pair's token
+        grad_hidden = expert_linear(grad_pair_out, down_weight.transpose(1, 2), routed)  # W_d^T g, unweighted
+        grad_weights = None
+        if needs[3]:
+            grad_weights = rowdot(grad_hidden, hidden, scratch)
+            if down_bias is not None:
+                for expert, span in routed.spans():
+                    grad_weights[span] += grad_pair_out[span] @ down_bias[expert].to(grad_pair_out.dtype)
+            grad_weights = grad_weights.to(pair_weights.dtype)
+        weights = pair_weights.to(hidden.dtype).unsqueeze(-1)
+        grad_down_weight = grad_down_bias = None
+        if needs[6] or (ctx.has_bias[1] and needs[7]):
+            weighted = grad_pair_out.mul_(weights)
+            if needs[6]:
+                grad_down_weight = expert_outer(weighted, hidden, routed).to(down_weight.dtype)
+            if ctx.has_bias[1] and needs[7]:
+                grad_down_bias = _expert_sums(weighted, routed, num_experts).to(down_weight.dtype)
+        del grad_pair_out
+        grad_hidden.mul_(weights)
+        hidden_graph, leaf = ctx.combine_graph
+        if hidden_graph is None:
+            (grad_pre,) = spec.combine.backward(grad_hidden, pre)
+        else:
+            (grad_pre,) = torch.autograd.grad(hidden_graph, leaf, grad_hidden, retain_graph=True)
+        del grad_hidden
+        grad_up_weight = expert_outer(grad_pre, rows, routed).to(up_weight.dtype) if needs[4] else None
+        grad_up_bias = None
+        if ctx.has_bias[0] and needs[5]:
+            grad_up_bias = _expert_sums(grad_pre, routed, num_experts).to(up_weight.dtype)
+        grad_x = None
+        if needs[2]:
+            grad_rows = expert_linear(grad_pre, up_weight.transpose(1, 2), routed)
+            grad_x = routed.sum_per_token(grad_rows, routed.slot_mask, scratch=scratch).to(rows.dtype)
+        return None, None, grad_x, grad_weights, grad_up_weight, grad_up_bias, grad_down_weight, grad_down_bias
+
+
+def _combine_of(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """The activation step of ``module``'s experts, built once per module (GatedCombine probes for SiLU):
+    :class:`GatedCombine` for the default gate, else the module's own ``_apply_gate`` or ``act_fn`` (then
+    differentiated by autograd on a local graph)."""
+    act_fn = getattr(module, "act_fn", None)  # a class with its own _apply_gate may have none (GPT-OSS)
+    cached = module.__dict__.get("_moe_zoo_combine")
+    if cached is not None and cached[0] is act_fn:
+        return cached[1]
+    if not module.has_gate:
+        combine = act_fn
+    elif _uses_default_gate(module):
+        combine = GatedCombine(act_fn, chunked=True)
+    else:
+        combine = module._apply_gate
+    module.__dict__["_moe_zoo_combine"] = (act_fn, combine)
+    return combine
+
+
+def _uses_default_gate(module: nn.Module) -> bool:
+    from transformers.integrations.moe import _default_apply_gate
+
+    return getattr(type(module)._apply_gate, "__func__", type(module)._apply_gate) is _default_apply_gate
+
+
+def _expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``(up (E, U, H), up bias, down (E, H, I), down bias)`` of a decorated experts module, untransposed (a view)."""
+    up_name = "gate_up_proj" if module.has_gate else "up_proj"
+    up, down = getattr(module, up_name), module.down_proj
+    if module.is_transposed:
+        up, down = up.transpose(1, 2), down.transpose(1, 2)
+    up_bias = getattr(module, f"{up_name}_bias", None) if module.has_bias else None
+    down_bias = getattr(module, "down_proj_bias", None) if module.has_bias else None
+    return up, up_bias, down, down_bias
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether :func:`moe_zoo_experts_forward` handles ``module``'s layout (else it defers to ``grouped_mm``)."""
+    interleaved_default_gate = not getattr(module, "is_concatenated", True) and _uses_default_gate(module)
+    return not (
+        interleaved_default_gate
+        or getattr(module, "has_post_expert_norm", False)
+        or getattr(module, "_is_expert_parallel", False)
+    )
+
+
+def moe_zoo_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The ``ExpertsInterface`` function: ``(T, H)`` states, ``(T, k)`` expert indices (``num_experts`` or more
+    marks an empty slot) and routing weights -> ``(T, H)``, for any experts module decorated with transformers'
+    ``use_experts_implementation`` (see the module docstring)."""
+    if not supports(self):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_experts = self.num_experts
+    indices = top_k_index.clamp(max=num_experts)  # any index past the bank is an empty slot
+    routed = route_pairs(indices, num_experts)
+    pair_weights = top_k_weights.reshape(-1)[routed.pairs]
+    up, up_bias, down, down_bias = _expert_weights(self)
+    tensors = (hidden_states, pair_weights, up, up_bias, down, down_bias)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    spec = _Spec(_combine_of(self), differentiable)
+    out = _ExpertsFunction.apply(spec, routed, *tensors)
+    return out.to(hidden_states.dtype)
+
+
+def register_experts_implementation() -> None:
+    """Make ``experts_implementation="moe_zoo"`` valid for every transformers model (harmless if repeated)."""
+    ExpertsInterface.register(IMPLEMENTATION_NAME, moe_zoo_experts_forward)
