@@ -15,8 +15,10 @@ from transformers import (
 import moe_zoo
 
 IMAGE_TOKEN = 300
+# Every Linear is at least 64 wide: bitsandbytes' packed CPU 4-bit path (taken on CPUs with AVX512-BF16) quantizes
+# in blocks of 64 input features and fails on a narrower layer.
 VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
 )
 TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
 BACKBONES = {
@@ -79,12 +81,15 @@ def test_save_reload_and_generate(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(**_inputs()).logits, moe(**_inputs()).logits)
     inputs = _inputs(1)
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # A random model may emit the image token, which the next step would count as a 17th image position.
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN])
     with_cache = reloaded.generate(**inputs, **greedy)
     without_cache = reloaded.generate(**inputs, **greedy, use_cache=False)
     assert torch.equal(with_cache, without_cache) and with_cache.shape[1] == inputs["input_ids"].shape[1] + 6
     torch.manual_seed(0)
-    sampled = reloaded.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+    sampled = reloaded.generate(
+        **inputs, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN]
+    )
     assert sampled.shape == with_cache.shape
 
 
