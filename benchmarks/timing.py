@@ -31,9 +31,32 @@ def forward_steps(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], 
     return {"forward_ms": forward, "forward_backward_ms": forward_backward}
 
 
-def interleaved_medians(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict:
-    """Median times in ms, with the variants run round-robin so that background load hits all of them alike."""
-    steps = {name: forward_steps(module, x) for name, module in variants.items()}
+def saved_for_backward_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensor storages autograd keeps for the backward of one forward (parameters excluded):
+    the activation memory of a training step, measurable on CPU, where torch keeps no peak-memory counter."""
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    inputs = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = module(inputs)
+    del out
+    return sum(storages.values())
+
+
+def interleaved_medians(
+    variants: dict[str, nn.Module], x: torch.Tensor, repeats: int, inputs: dict[str, torch.Tensor] | None = None
+) -> dict:
+    """Median times in ms, with the variants run round-robin so that background load hits all of them alike.
+    ``inputs`` gives some variants an input of their own (default: ``x``)."""
+    inputs = inputs or {}
+    steps = {name: forward_steps(module, inputs.get(name, x)) for name, module in variants.items()}
     samples = {name: {key: [] for key in fns} for name, fns in steps.items()}
     for round_index in range(repeats + 1):  # round 0 warms up
         for name, fns in steps.items():
