@@ -21,7 +21,6 @@ computed within the run. This machine is noisy: compare ratios from one run, not
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from timing import interleaved_medians
+from timing import interleaved_medians, keep_freed_memory
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -189,18 +188,6 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         "fused_speedup": ratios,
         "skipped": skipped,
     }
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in the process (no ``mmap`` for large blocks, no trimming), so that a freed
-    tensor's pages are reused instead of being faulted in again: on a VM a page fault costs microseconds and the
-    allocator's behaviour can then outweigh the arithmetic. Affects every contender alike; False if not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**40))
 
 
 def main(argv: list[str] | None = None) -> dict:

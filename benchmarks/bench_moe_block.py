@@ -27,7 +27,7 @@ import platform
 from pathlib import Path
 
 import torch
-from timing import interleaved_medians, saved_for_backward_bytes
+from timing import interleaved_medians, keep_freed_memory, saved_for_backward_bytes
 from transformers import PreTrainedConfig, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (no page faults for reused tensors); see timing.keep_freed_memory()",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/moe_block_cpu.json"))
     args = parser.parse_args(argv)
@@ -147,8 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.tokens, args.hidden, args.intermediate, args.experts, args.repeats = 32, 16, 24, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report = run(args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.repeats)
+    report["allocator"] = "glibc keeps freed memory (mallopt)" if kept else "default"
     if load_before is not None:
         report["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     args.output.parent.mkdir(parents=True, exist_ok=True)

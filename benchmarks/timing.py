@@ -5,6 +5,7 @@ Benchmarks import it as a sibling module (``python benchmarks/bench_x.py`` puts 
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -66,3 +67,15 @@ def interleaved_medians(
                 if round_index:
                     samples[name][key].append((time.perf_counter() - start) * 1e3)
     return {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process (no ``mmap`` for large blocks, no trimming), so that a freed
+    tensor's pages are reused instead of being faulted in again: on a VM a page fault costs microseconds and the
+    allocator's behaviour can then outweigh the arithmetic. Affects every contender alike; False if not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**40))
