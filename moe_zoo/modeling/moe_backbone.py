@@ -139,6 +139,25 @@ class MoeModelMixin:
         else:
             super()._init_weights(module)
 
+    def packed_use_cache(self, position_ids, attention_mask, cache, use_cache: bool | None) -> bool | None:
+        """The ``use_cache`` to run a forward with, so that padding-free packed batches stay separate.
+
+        ``DataCollatorWithFlattening`` packs several sequences into one row with restarting ``position_ids`` and no
+        attention mask; sdpa and eager attention then build their block-diagonal mask from the positions, but only
+        when no cache exists. With ``config.use_cache=True`` (the default, and what a forward outside the Trainer
+        sees) a cache would be created and the sequences would silently attend across their boundaries. So a
+        packed batch without a cache runs with ``use_cache=False``; asking for a cache explicitly is refused.
+        """
+        if cache is not None or attention_mask is not None or not packed_positions(position_ids):
+            return use_cache
+        if use_cache:
+            raise ValueError(
+                "use_cache=True with packed sequences (position_ids that restart inside a row, no attention_mask, as "
+                "DataCollatorWithFlattening makes): with a cache the sequences would attend to each other. Pass "
+                "use_cache=False (the Trainer does), or an attention_mask for padded batches."
+            )
+        return False
+
     def moe_blocks(self) -> list[SparseMoeBlock]:
         """The MoE blocks, in layer order."""
         return moe_blocks(self)
@@ -158,6 +177,13 @@ class MoeModelMixin:
         if loss is not None and aux_loss is not None:
             loss = loss + aux_loss.to(loss.device)
         return {"loss": loss, "aux_loss": aux_loss, "router_logits": tuple(r.logits for r in routing)}
+
+
+def packed_positions(position_ids: torch.Tensor | None) -> bool:
+    """Whether ``position_ids (B, S)`` restart inside a row, i.e. hold several packed sequences."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return False
+    return bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any())
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:

@@ -1,5 +1,6 @@
 """flash_attention_2 through transformers' attention interface (skipped without CUDA and the flash-attn package):
-MoE-LLaVA and an upcycled LM give the sdpa logits in bf16, and generate."""
+MoE-LLaVA and an upcycled LM give the sdpa logits in bf16, and generate; packed training with its cu_seq_lens kwargs
+gives the padded loss."""
 
 import importlib.util
 import sys
@@ -47,3 +48,33 @@ def test_upcycled_lm_with_flash_attention_2():
     torch.manual_seed(0)
     moe = moe_zoo.upcycle(AutoModelForCausalLM.from_config(config), num_experts=4, num_experts_per_tok=2)
     _compare(moe, {"input_ids": torch.randint(0, 128, (2, 16))})
+
+
+def test_packed_training_with_flash_attention_equals_padded():
+    """flash_attention_2 with DataCollatorWithFlattening's cu_seq_lens kwargs: the packed loss equals the padded
+    sdpa loss (bf16 tolerance)."""
+    from transformers import DataCollatorWithFlattening
+
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    moe = moe_zoo.upcycle(AutoModelForCausalLM.from_config(config), num_experts=4, num_experts_per_tok=2)
+    moe = moe.cuda().to(torch.bfloat16).train()
+    sequences = [torch.randint(1, 128, (n,)).tolist() for n in (9, 17, 5)]
+    packed = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=True)(
+        [{"input_ids": s} for s in sequences]
+    )
+    packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    padded = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": ids.masked_fill(mask == 0, -100).cuda()}
+    moe.set_attn_implementation("sdpa")
+    reference = moe(**padded).loss.float()
+    moe.set_attn_implementation("flash_attention_2")
+    flash = moe(**packed).loss.float()
+    assert (flash - reference).abs() <= 2e-2 * reference.abs()

@@ -101,6 +101,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             output_router_logits = self.config.output_router_logits
         if "past_key_values" in kwargs:  # the pre-5.24 name, still used by some callers
             cache = kwargs.pop("past_key_values")
+        use_cache = self.packed_use_cache(position_ids, attention_mask, cache, use_cache)
         with collect_routing(enabled=output_router_logits) as routing:
             outputs = self.model(
                 input_ids=input_ids,
