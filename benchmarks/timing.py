@@ -51,15 +51,11 @@ def saved_for_backward_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def interleaved_medians(
-    variants: dict[str, nn.Module], x: torch.Tensor, repeats: int, inputs: dict[str, torch.Tensor] | None = None
-) -> dict:
-    """Median times in ms, with the variants run round-robin so that background load hits all of them alike.
-    ``inputs`` gives some variants an input of their own (default: ``x``)."""
-    inputs = inputs or {}
-    steps = {name: forward_steps(module, inputs.get(name, x)) for name, module in variants.items()}
+def interleaved_step_medians(steps: dict[str, dict[str, Callable[[], None]]], repeats: int) -> dict:
+    """Median times in ms of named steps (``{variant: {metric: fn}}``), run round-robin so that background load
+    hits all of them alike; the first round warms up and is not counted."""
     samples = {name: {key: [] for key in fns} for name, fns in steps.items()}
-    for round_index in range(repeats + 1):  # round 0 warms up
+    for round_index in range(repeats + 1):
         for name, fns in steps.items():
             for key, fn in fns.items():
                 start = time.perf_counter()
@@ -67,6 +63,23 @@ def interleaved_medians(
                 if round_index:
                     samples[name][key].append((time.perf_counter() - start) * 1e3)
     return {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
+
+
+def interleaved_medians(
+    variants: dict[str, nn.Module],
+    x: torch.Tensor,
+    repeats: int,
+    inputs: dict[str, torch.Tensor] | None = None,
+    metrics: tuple[str, ...] = ("forward_ms", "forward_backward_ms"),
+) -> dict:
+    """:func:`interleaved_step_medians` of each module's :func:`forward_steps` (``metrics`` of them); ``inputs``
+    gives some variants an input of their own (default: ``x``)."""
+    inputs = inputs or {}
+    steps = {}
+    for name, module in variants.items():
+        fns = forward_steps(module, inputs.get(name, x))
+        steps[name] = {key: fns[key] for key in metrics}
+    return interleaved_step_medians(steps, repeats)
 
 
 def keep_freed_memory() -> bool:

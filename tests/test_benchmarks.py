@@ -49,3 +49,23 @@ def test_mixlora_benchmark_quick_mode_writes_json(tmp_path):
             "forward_package_over_fused",
             "forward_backward_package_over_fused",
         }
+
+
+def test_the_suite_runs_every_part_and_summarises_the_targets(tmp_path):
+    import run_suite
+
+    result = run_suite.main(["--quick", "--output-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "suite_cpu.json").read_text()) == result
+    for name in ("moe_block", "decode", "mixlora", "training_step"):
+        assert (tmp_path / f"suite_{name}.json").is_file(), name
+    summary = result["summary"]
+    for key, value in summary.items():
+        values = value.values() if isinstance(value, dict) else [value]
+        assert all(math.isfinite(v) and v > 0 for v in values), key
+    decode = json.loads((tmp_path / "suite_decode.json").read_text())
+    assert set(decode["results"]) == {"1", "4"} and decode["bandwidth_gb_per_s"] > 0
+    for row in decode["results"].values():
+        assert row["bandwidth_floor_ms"] > 0 and row["moe_zoo_block[moe_zoo]"]["forward_ms"] > 0
+    step = json.loads((tmp_path / "suite_training_step.json").read_text())["results"]
+    dense, moe = step["dense_same_active_parameters"], step["moe_llava[moe_zoo]"]
+    assert moe["parameters"] > dense["parameters"], "the MoE holds more parameters than the dense model it matches"
