@@ -177,3 +177,26 @@ def test_forward_and_backward_never_call_index_add():
     # Scattered writes only touch 1-D index and weight vectors (T * k entries), never rows of states.
     row_writes = [e for e in events if "index_put" in e.name and any(len(shape) > 1 for shape in e.input_shapes)]
     assert not row_writes
+
+
+def test_bfloat16_bank_with_float32_routing_weights():
+    """A bf16 model (routers keep fp32 weights): the output is bf16 and within bf16 rounding of the fp32 result."""
+    bank = _bank(True, torch.float32)
+    indices, weights = _routing(dtype=torch.float32)
+    x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(5))
+    expected = bank(x, indices, weights)
+    bank = bank.to(torch.bfloat16)
+    inputs = x.bfloat16().requires_grad_()
+    out = bank(inputs, indices, weights.requires_grad_())
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and inputs.grad.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert weights.grad.dtype == torch.float32 and torch.isfinite(bank.gate_up_proj.grad.float()).all()
+
+
+def test_an_empty_batch():
+    bank = _bank(True, torch.float32)
+    x = torch.randn(0, HIDDEN, requires_grad=True)
+    out = bank(x, torch.zeros(0, TOP_K, dtype=torch.long), torch.zeros(0, TOP_K))
+    out.sum().backward()
+    assert out.shape == (0, HIDDEN) and x.grad.shape == (0, HIDDEN)
