@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--text-tokens", type=int, default=112)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8)  # two rotations of the four variants
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/moe_llava_step_cpu.json"))
     args = parser.parse_args(argv)
