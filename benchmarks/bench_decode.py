@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from bench_moe_block import OURS, _moe_zoo_block
-from timing import interleaved_medians
+from timing import environment, interleaved_medians
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm", OURS)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -75,11 +74,8 @@ def run(hidden: int, intermediate: int, experts: int, top_k: int, token_counts, 
         "shape": dict(hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k),
         "bandwidth_gb_per_s": round(bandwidth, 1),
         "repeats": repeats,
-        "device": "cpu",
         "dtype": "float32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **environment(),
         "results": results,
     }
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from timing import interleaved_medians, keep_freed_memory
+from timing import environment, interleaved_medians, keep_freed_memory
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -180,10 +179,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         "shape": dict(tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k, rank=rank),
         "repeats": repeats,
         "dropout": f"none (the package's LoraLinear needs lora_dropout > 0: built with {PACKAGE_DROPOUT}, eval mode)",
-        "device": "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **environment(),
         "results": results,
         "fused_speedup": ratios,
         "skipped": skipped,

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
-from timing import interleaved_medians, keep_freed_memory, saved_for_backward_bytes
+from timing import environment, interleaved_medians, keep_freed_memory, saved_for_backward_bytes
 from transformers import PreTrainedConfig, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -121,11 +120,8 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         "shape": dict(tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k),
         "dense_floor": f"one SwiGLU FFN (intermediate {intermediate}) over tokens * top_k = {tokens * top_k} tokens",
         "repeats": repeats,
-        "device": "cpu",
         "dtype": "float32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **environment(),
         "results": results,
         "skipped": skipped,
     }

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 from bench_moe_block import OURS
-from timing import interleaved_step_medians
+from timing import environment, interleaved_step_medians
 from transformers import CLIPVisionConfig, LlamaConfig
 
 import moe_zoo
@@ -106,11 +105,8 @@ def run(
         ),
         "step": "forward + backward + AdamW step (router loss included for the MoE)",
         "repeats": repeats,
-        "device": "cpu",
         "dtype": "float32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **environment(),
         "results": results,
     }
 

@@ -6,6 +6,7 @@ Benchmarks import it as a sibling module (``python benchmarks/bench_x.py`` puts 
 from __future__ import annotations
 
 import ctypes
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -98,3 +99,13 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**40))
+
+
+def environment() -> dict:
+    """What every benchmark's JSON records about where it ran."""
+    return {
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }

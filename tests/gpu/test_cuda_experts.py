@@ -17,15 +17,20 @@ class BlockConfig(PreTrainedConfig, MoeOptions):
     model_type = "moe_zoo_test_gpu_block"
 
 
-@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm", "moe_zoo"])
-@pytest.mark.parametrize("router_type", ["softmax_topk", "top_p"])
-def test_cuda_implementations_match_cpu_eager(implementation, router_type):
-    config = BlockConfig(num_experts=8, num_experts_per_tok=2, router_type=router_type, top_p_threshold=0.6)
+def _eager_block(**options) -> tuple[BlockConfig, SparseMoeBlock]:
+    config = BlockConfig(num_experts=8, num_experts_per_tok=2, **options)
     config._experts_implementation = "eager"
     torch.manual_seed(0)
     block = SparseMoeBlock(config, 64, 128, "silu")
     block.experts.reset_parameters(0.05)
     block.reset_routing(0.5)
+    return config, block
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm", "moe_zoo"])
+@pytest.mark.parametrize("router_type", ["softmax_topk", "top_p"])
+def test_cuda_implementations_match_cpu_eager(implementation, router_type):
+    config, block = _eager_block(router_type=router_type, top_p_threshold=0.6)
     x = torch.randn(4, 33, 64)
     with torch.no_grad():
         reference = block(x)
@@ -52,12 +57,7 @@ def test_upcycling_is_function_preserving_on_cuda():
 def test_moe_zoo_experts_train_on_cuda_like_cpu_eager():
     """moe_zoo's experts (torch._grouped_mm on CUDA where it runs for the dtype) in fp32 and bf16: forward and
     backward against the CPU eager loop."""
-    config = BlockConfig(num_experts=8, num_experts_per_tok=2)
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    block = SparseMoeBlock(config, 64, 128, "silu")
-    block.experts.reset_parameters(0.05)
-    block.reset_routing(0.5)
+    config, block = _eager_block()
     x = torch.randn(4, 33, 64)
     grad = torch.randn(4, 33, 64)
     inputs = x.clone().requires_grad_()

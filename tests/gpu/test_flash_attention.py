@@ -14,6 +14,7 @@ import moe_zoo
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from test_moe_llava_model import _inputs, _moe  # noqa: E402
+from test_packed_training import _padded  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -66,13 +67,7 @@ def test_packed_training_with_flash_attention_equals_padded():
         [{"input_ids": s} for s in sequences]
     )
     packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
-    width = max(map(len, sequences))
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-    padded = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": ids.masked_fill(mask == 0, -100).cuda()}
+    padded = {key: value.cuda() for key, value in _padded(sequences).items()}
     moe.set_attn_implementation("sdpa")
     reference = moe(**padded).loss.float()
     moe.set_attn_implementation("flash_attention_2")
