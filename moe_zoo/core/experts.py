@@ -36,7 +36,7 @@ class ExpertGroups:
 
     ``pairs`` are flat indices into the index tensor (``token * k + slot``), ``tokens`` their token rows, both in
     expert order (tokens ascending within an expert); ``counts[e]`` is how many pairs expert ``e`` got. Empty slots
-    (the sentinel index ``num_experts``) sort last and are left out.
+    (any index ``>= num_experts``) sort last and are left out.
     """
 
     pairs: torch.Tensor

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
-from .gated_combine import GatedCombine
+from .gated_combine import GatedCombine, combine_backward, combine_forward
 from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, route_pairs, rowdot
 
 IMPLEMENTATION_NAME = "moe_zoo"
@@ -54,9 +54,9 @@ def _add_expert_bias(rows: torch.Tensor, bias: torch.Tensor | None, routed: Rout
         rows[span].add_(bias[expert].to(rows.dtype))
 
 
-def _expert_sums(rows: torch.Tensor, routed: RoutedPairs, num_experts: int) -> torch.Tensor:
+def _expert_sums(rows: torch.Tensor, routed: RoutedPairs) -> torch.Tensor:
     """``out[e] = sum of the rows of expert e``: the gradient of a per-expert bias."""
-    out = rows.new_zeros(num_experts, rows.shape[1])
+    out = rows.new_zeros(routed.num_experts, rows.shape[1])
     for expert, span in routed.spans():
         torch.sum(rows[span], 0, out=out[expert])
     return out
@@ -75,26 +75,15 @@ class _ExpertsFunction(torch.autograd.Function):
         rows = x.index_select(0, routed.tokens)
         pre = expert_linear(rows, up_weight, routed)
         _add_expert_bias(pre, up_bias, routed)
-        own_backward = hasattr(spec.combine, "backward")
-        hidden_graph = leaf = None
-        if spec.differentiable and not own_backward:
-            with torch.enable_grad():  # a local graph of the activation only, differentiated in backward
-                leaf = pre.requires_grad_()
-                hidden_graph = spec.combine(leaf)
-            hidden = hidden_graph.detach()
-        else:
-            hidden = spec.combine(pre)
+        hidden, hidden_graph = combine_forward(spec.combine, (pre,), spec.differentiable)
         down = expert_linear(hidden, down_weight, routed)
         _add_expert_bias(down, down_bias, routed)
         slot_weights = routed.slot_values(pair_weights.to(down.dtype))
         out = routed.sum_per_token(down, slot_weights)
         if not spec.differentiable:
             return out
-        ctx.spec, ctx.routed = spec, routed
-        ctx.combine_graph = (hidden_graph, leaf)  # None, None when combine has its own backward
-        ctx.has_bias = (up_bias is not None, down_bias is not None)
-        saved_pre = pre if hidden_graph is None else None  # else the local graph holds it
-        ctx.save_for_backward(rows, pair_weights, hidden, saved_pre, up_weight, down_weight, down_bias)
+        ctx.spec, ctx.routed, ctx.hidden_graph = spec, routed, hidden_graph
+        ctx.save_for_backward(rows, pair_weights, hidden, pre, up_weight, down_weight, down_bias)
         return out
 
     @staticmethod
@@ -102,8 +91,7 @@ class _ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         spec, routed = ctx.spec, ctx.routed
         rows, pair_weights, hidden, pre, up_weight, down_weight, down_bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        num_experts = up_weight.shape[0]
+        needs = ctx.needs_input_grad  # False for the biases a bank does not have (None inputs)
         scratch = Scratch()
         grad_pair_out = grad_out.to(hidden.dtype).index_select(0, routed.tokens)  # g of each pair's token
         grad_hidden = expert_linear(grad_pair_out, down_weight.transpose(1, 2), routed)  # W_d^T g, unweighted
@@ -116,24 +104,18 @@ class _ExpertsFunction(torch.autograd.Function):
             grad_weights = grad_weights.to(pair_weights.dtype)
         weights = pair_weights.to(hidden.dtype).unsqueeze(-1)
         grad_down_weight = grad_down_bias = None
-        if needs[6] or (ctx.has_bias[1] and needs[7]):
+        if needs[6] or needs[7]:
             weighted = grad_pair_out.mul_(weights)
             if needs[6]:
                 grad_down_weight = expert_outer(weighted, hidden, routed).to(down_weight.dtype)
-            if ctx.has_bias[1] and needs[7]:
-                grad_down_bias = _expert_sums(weighted, routed, num_experts).to(down_weight.dtype)
+            if needs[7]:
+                grad_down_bias = _expert_sums(weighted, routed).to(down_weight.dtype)
         del grad_pair_out
         grad_hidden.mul_(weights)
-        hidden_graph, leaf = ctx.combine_graph
-        if hidden_graph is None:
-            (grad_pre,) = spec.combine.backward(grad_hidden, pre)
-        else:
-            (grad_pre,) = torch.autograd.grad(hidden_graph, leaf, grad_hidden, retain_graph=True)
+        (grad_pre,) = combine_backward(spec.combine, (pre,), ctx.hidden_graph, grad_hidden)
         del grad_hidden
         grad_up_weight = expert_outer(grad_pre, rows, routed).to(up_weight.dtype) if needs[4] else None
-        grad_up_bias = None
-        if ctx.has_bias[0] and needs[5]:
-            grad_up_bias = _expert_sums(grad_pre, routed, num_experts).to(up_weight.dtype)
+        grad_up_bias = _expert_sums(grad_pre, routed).to(up_weight.dtype) if needs[5] else None
         grad_x = None
         if needs[2]:
             grad_rows = expert_linear(grad_pre, up_weight.transpose(1, 2), routed)
@@ -160,8 +142,6 @@ def _combine_of(module: nn.Module) -> Callable[..., torch.Tensor]:
 
 
 def _uses_default_gate(module: nn.Module) -> bool:
-    from transformers.integrations.moe import _default_apply_gate
-
     return getattr(type(module)._apply_gate, "__func__", type(module)._apply_gate) is _default_apply_gate
 
 
@@ -194,9 +174,7 @@ def moe_zoo_experts_forward(
     ``use_experts_implementation`` (see the module docstring)."""
     if not supports(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    num_experts = self.num_experts
-    indices = top_k_index.clamp(max=num_experts)  # any index past the bank is an empty slot
-    routed = route_pairs(indices, num_experts)
+    routed = route_pairs(top_k_index, self.num_experts)  # any index >= num_experts is an empty slot
     pair_weights = top_k_weights.reshape(-1)[routed.pairs]
     up, up_bias, down, down_bias = _expert_weights(self)
     tensors = (hidden_states, pair_weights, up, up_bias, down, down_bias)

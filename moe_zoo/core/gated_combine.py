@@ -1,8 +1,10 @@
 """The gated activation of an FFN, ``act(gate) * up``, with a backward that works in place on the gradient buffer.
 
-Shared by the core's grouped expert passes: the LoRA-expert kernel (:mod:`moe_zoo.core.lora_experts`) and the
-experts implementation (:mod:`moe_zoo.core.fused_experts`) both keep each pair's pre-activations and call
-:meth:`GatedCombine.backward` instead of replaying an autograd graph of the activation.
+Shared by the core's grouped expert passes, the LoRA-expert kernel (:mod:`moe_zoo.core.lora_experts`) and the
+experts implementation (:mod:`moe_zoo.core.fused_experts`): both keep each pair's pre-activations and run their
+``combine`` (the step from pre-activations to the hidden activation) through :func:`combine_forward` and
+:func:`combine_backward`, which use :meth:`GatedCombine.backward` where there is one, and otherwise a small autograd
+graph of the activation alone, so any layout's activation works unchanged.
 """
 
 from __future__ import annotations
@@ -71,3 +73,30 @@ class GatedCombine:
                 return grad_act, grad_up
             grad_gate.copy_(grad_act)
         return (grad,) if self.chunked else (grad_gate, grad_up)
+
+
+def combine_forward(
+    combine: Callable[..., torch.Tensor], pre: Sequence[torch.Tensor], differentiable: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(combine(*pre), graph)``. ``graph`` is None unless a backward will run and ``combine`` has no ``backward``
+    of its own: then ``combine`` is recorded as a small autograd graph whose leaves are ``pre`` (made to require
+    grad in place), for :func:`combine_backward` to differentiate."""
+    if not differentiable or hasattr(combine, "backward"):
+        return combine(*pre), None
+    with torch.enable_grad():
+        graph = combine(*[tensor.requires_grad_() for tensor in pre])
+    return graph.detach(), graph
+
+
+def combine_backward(
+    combine: Callable[..., torch.Tensor],
+    pre: Sequence[torch.Tensor],
+    graph: torch.Tensor | None,
+    grad_hidden: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The gradients of ``pre`` given ``grad_hidden`` (which may be overwritten), for what :func:`combine_forward`
+    returned: ``combine.backward``, or autograd on the recorded graph. The graph is retained, because ``gradcheck``
+    and ``retain_graph=True`` callers run the backward more than once."""
+    if graph is None:
+        return tuple(combine.backward(grad_hidden, *pre))
+    return torch.autograd.grad(graph, pre, grad_hidden, retain_graph=True)

@@ -13,20 +13,14 @@ mixture ``sum_e w_e expert_e(x)`` is computed without running the frozen weights
 So the frozen FLOPs equal the dense FFN's, and the per-pair work is the rank-``r`` LoRA matmuls and a few
 elementwise passes over ``(pairs, intermediate)`` rows, which is what this module keeps few:
 
-- the pairs are sorted by expert once (:func:`route_pairs`), each expert's rows contiguous, so the per-expert LoRA
-  matmuls are one grouped matmul (``torch._grouped_mm`` with offsets, used on CUDA where it runs) or a loop of
-  ``addmm_`` over the experts' row blocks that accumulates into the rows in place (on CPU, where
-  ``_grouped_mm`` is itself a loop of ``mm`` into a new tensor, so the loop saves a pass and an allocation);
-- tokens are recombined by a gather into slot order and one batched ``(1, k) @ (k, D)`` product per token, never
-  with ``index_add_`` (atomic on GPU; on CPU it is fast on one thread but slow with several); on CPU the gathers
-  and products run in chunks through one small reused buffer (:class:`Scratch`), and the frozen products' buffer is
-  reused, because a fresh tensor of tens of MB is returned to the OS when freed and costs page faults (on a VM,
-  more than the pass over it) on every call;
+- the pairs are sorted by expert once and the per-expert LoRA matmuls and per-token sums run in the layout of
+  :mod:`moe_zoo.core.routed_pairs` (grouped matmuls, no ``index_add_``, chunked temporaries on CPU); on CPU the
+  input LoRA B products accumulate into the gathered rows in place (``addmm_``), and the frozen products' buffer is
+  reused, because a fresh tensor of tens of MB costs page faults on every call;
 - :class:`_LoraExpertsFunction` writes the backward by hand instead of letting autograd store and replay every
   gather and scatter: no gradient for the frozen weights unless they require one, the LoRA weight gradients as
   grouped outer products, the routing weights' gradient as row-wise dot products, and buffers reused in place.
-  ``combine`` is differentiated by its own ``backward`` when it has one (:class:`GatedCombine`), else by autograd
-  on a small local graph recorded in the forward, so any layout's activation works unchanged.
+  ``combine`` runs through :func:`~moe_zoo.core.gated_combine.combine_forward` / ``combine_backward``.
 
 Sentinel index ``num_experts`` (top-p padding, capacity-dropped tokens) marks an empty slot: it gets no pair, no
 compute and weight 0, and a token with only empty slots gets a zero output.
@@ -41,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .gated_combine import combine_backward, combine_forward
 from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, route_pairs, rowdot
 
 
@@ -136,15 +131,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
                 expert_linear(scaled_a, lora_b, routed, out=pre)
             pre_activations.append(pre)
             input_saved.append((lora_rows, mask, scaled_a))
-        own_backward = hasattr(spec.combine, "backward")
-        hidden_graph = leaves = None
-        if spec.differentiable and not own_backward:
-            with torch.enable_grad():  # a local graph of combine only, differentiated in backward
-                leaves = [pre.requires_grad_() for pre in pre_activations]
-                hidden_graph = spec.combine(*leaves)
-            hidden = hidden_graph.detach()
-        else:
-            hidden = spec.combine(*pre_activations)
+        hidden, hidden_graph = combine_forward(spec.combine, pre_activations, spec.differentiable)
 
         weight_o, bias_o, lora_a_o, lora_b_o = output
         slot_weights = routed.slot_values(pair_weights.to(hidden.dtype))
@@ -165,7 +152,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
             return out
 
         ctx.spec, ctx.routed = spec, routed
-        ctx.combine_state = (pre_activations, hidden_graph, leaves)
+        ctx.combine_state = (pre_activations, hidden_graph)
         ctx.input_saved = input_saved
         ctx.output_saved = (lora_hidden, mask_o, lora_a_out, routed_scale)
         ctx.mixed = mixed if weight_o.requires_grad else None
@@ -218,12 +205,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
                 grad_hidden.add_(grad_lora_hidden.to(grad_hidden.dtype))
                 del grad_lora_hidden
 
-        # combine: its own backward, or autograd on the local graph the forward recorded.
-        pre_activations, hidden_graph, leaves = ctx.combine_state
-        if hidden_graph is None:
-            grad_pre = spec.combine.backward(grad_hidden, *pre_activations)
-        else:
-            grad_pre = torch.autograd.grad(hidden_graph, leaves, grad_hidden, retain_graph=True)
+        grad_pre = combine_backward(spec.combine, *ctx.combine_state, grad_hidden)
         del grad_hidden
 
         # Input projections: pre_p = (W x + b)[token_p] + s B_e A_e drop(x[token_p]).

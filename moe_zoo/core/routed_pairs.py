@@ -13,8 +13,8 @@ by expert with one sort (:func:`route_pairs`), so each expert's rows are contigu
 - on CPU the temporaries run in chunks through one small reused buffer (:class:`Scratch`), because a fresh tensor
   of tens of MB is handed back to the OS when freed and costs page faults on every call.
 
-Sentinel index ``num_experts`` (top-p padding, capacity-dropped tokens, null experts) marks an empty slot: it gets
-no pair, no compute and weight 0.
+Any index ``>= num_experts`` (the sentinel ``num_experts`` for top-p padding and capacity-dropped tokens, the slots
+of null and zero-computation experts past the bank) marks an empty slot: it gets no pair, no compute and weight 0.
 """
 
 from __future__ import annotations
@@ -199,15 +199,14 @@ def expert_outer(left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs) -
         return torch._grouped_mm(mat_a, right, offs=routed.offsets)
     out = left.new_empty(routed.num_experts, left.shape[1], right.shape[1])
     transposed = right.shape[1] < left.shape[1]
-    used = [False] * routed.num_experts
     for expert, span in routed.spans():
         if transposed:
             torch.mm(right[span].t(), left[span], out=out[expert].t())
         else:
             torch.mm(mat_a[:, span], right[span], out=out[expert])
-        used[expert] = True
-    for expert in (e for e, u in enumerate(used) if not u):
-        out[expert].zero_()
+    for expert, count in enumerate(routed.counts):
+        if not count:
+            out[expert].zero_()
     return out
 
 
