@@ -20,6 +20,11 @@ from .fused_experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 from .recording import report_routing
 from .routing import build_router, routes_variable_experts
 
+SKIPS_EMPTY_SLOTS = frozenset({"eager", EXPERTS_IMPLEMENTATION})
+"""Experts implementations that leave out empty slots (any index ``>= num_experts``) themselves: the banks' eager
+forward and moe_zoo's, both through :func:`~moe_zoo.core.experts.group_by_expert`. transformers' ``grouped_mm`` and
+``batched_mm`` would compute them, so the block flattens variable routing into real pairs for those."""
+
 
 class SparseMoeBlock(nn.Module):
     """A drop-in replacement for a decoder layer's FFN: ``forward(hidden_states (..., H)) -> (..., H)``.
@@ -97,12 +102,11 @@ class SparseMoeBlock(nn.Module):
         return output.reshape(shape)
 
     def _run_ffn_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.config._experts_implementation == EXPERTS_IMPLEMENTATION or not (
-            self.routes_variable_experts or self.current_capacity_factor() is not None
-        ):  # moe_zoo's implementation skips empty slots (any index >= num_experts) itself
+        has_empty_slots = self.routes_variable_experts or self.current_capacity_factor() is not None
+        if not has_empty_slots or self.config._experts_implementation in SKIPS_EMPTY_SLOTS:
             return self.experts(x, indices, weights)
-        # Variable experts per token: hand the expert bank only the real (token, expert) pairs, one per row,
-        # so every experts implementation sees a dense (P, 1) routing and no compute goes to empty slots.
+        # Variable experts per token, for an implementation that would compute empty slots: hand it only the real
+        # (token, expert) pairs, one per row, as a dense (P, 1) routing.
         routed = indices < self.num_experts
         token_ids, slot_ids = routed.nonzero(as_tuple=True)
         pair_out = self.experts(x[token_ids], indices[token_ids, slot_ids, None], weights[token_ids, slot_ids, None])
