@@ -117,9 +117,7 @@ class MoeLlavaForConditionalGeneration(MoeLlavaPreTrainedModel, LlavaForConditio
             output_router_logits = self.config.output_router_logits
         if "past_key_values" in kwargs:  # the pre-5.24 name, still used by some callers
             cache = kwargs.pop("past_key_values")
-        use_cache = self.packed_use_cache(position_ids, attention_mask, cache, kwargs.pop("use_cache", None))
-        if use_cache is not None:
-            kwargs["use_cache"] = use_cache
+        kwargs["use_cache"] = self.packed_use_cache(position_ids, attention_mask, cache, kwargs.get("use_cache"))
         with collect_routing(enabled=output_router_logits) as routing:
             outputs = super().forward(
                 input_ids=input_ids,
