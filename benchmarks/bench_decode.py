@@ -13,13 +13,12 @@ router and expert weights. This machine is noisy: compare ratios from one run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from bench_moe_block import OURS, _moe_zoo_block
-from timing import environment, interleaved_medians
+from bench_moe_block import OURS, moe_zoo_block
+from timing import add_machine_options, environment, interleaved_medians, run_measured, write_report
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm", OURS)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -50,10 +49,10 @@ def active_expert_bytes(block, x: torch.Tensor) -> int:
 
 def run(hidden: int, intermediate: int, experts: int, top_k: int, token_counts, repeats: int) -> dict:
     bandwidth = bandwidth_gb_per_s()
-    ours = _moe_zoo_block(OURS, hidden, intermediate, experts, top_k).eval()
+    ours = moe_zoo_block(OURS, hidden, intermediate, experts, top_k).eval()
     variants = {}
     for implementation in IMPLEMENTATIONS:
-        block = ours if implementation == OURS else _moe_zoo_block(implementation, hidden, intermediate, experts, top_k)
+        block = ours if implementation == OURS else moe_zoo_block(implementation, hidden, intermediate, experts, top_k)
         block.load_state_dict(ours.state_dict())
         variants[f"moe_zoo_block[{implementation}]"] = block.eval()
     results = {}
@@ -88,14 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKEN_COUNTS))
     parser.add_argument("--repeats", type=int, default=20)
+    add_machine_options(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/moe_decode_cpu.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.experts, args.tokens, args.repeats = 16, 24, 4, [1, 4], 1
-    report = run(args.hidden, args.intermediate, args.experts, args.top_k, args.tokens, args.repeats)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    report = run_measured(
+        args, lambda: run(args.hidden, args.intermediate, args.experts, args.top_k, args.tokens, args.repeats)
+    )
+    write_report(args.output, report)
     print(f"bandwidth {report['bandwidth_gb_per_s']} GB/s; forward time / bandwidth floor:")
     names = [name for name in next(iter(report["results"].values())) if name != "bandwidth_floor_ms"]
     print(f"{'T':>4s} {'floor ms':>9s} " + " ".join(f"{name:>26s}" for name in names))

@@ -21,13 +21,11 @@ computed within the run. This machine is noisy: compare ratios from one run, not
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from timing import environment, interleaved_medians, keep_freed_memory
+from timing import add_machine_options, environment, interleaved_medians, run_measured, write_report
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -195,27 +193,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="glibc keeps freed memory (no page faults for reused tensors); see keep_freed_memory()",
-    )
+    add_machine_options(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/mixlora_cpu.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.intermediate, args.experts, args.rank, args.repeats = 64, 16, 24, 4, 4, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kept = keep_freed_memory() if args.keep_freed_memory else False
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    report = run(args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.rank, args.repeats)
-    report["allocator"] = "glibc keeps freed memory (mallopt)" if kept else "default"
-    if load_before is not None:
-        report["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    report = run_measured(
+        args,
+        lambda: run(args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.rank, args.repeats),
+    )
+    write_report(args.output, report)
     for name, timing in report["results"].items():
         print(
             f"{name:18s} fwd {timing['forward_ms']:8.2f} ms ({timing['forward_vs_lora_floor']:.2f}x floor)   "

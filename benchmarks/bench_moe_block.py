@@ -21,12 +21,17 @@ This machine is noisy: compare ratios from one run, not absolute times across ru
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
-from timing import environment, interleaved_medians, keep_freed_memory, saved_for_backward_bytes
+from timing import (
+    add_machine_options,
+    environment,
+    interleaved_medians,
+    run_measured,
+    saved_for_backward_bytes,
+    write_report,
+)
 from transformers import PreTrainedConfig, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -41,19 +46,7 @@ class BenchConfig(PreTrainedConfig, MoeOptions):
     model_type = "moe_zoo_bench"
 
 
-class _Qwen3MoeBlock(torch.nn.Module):
-    """transformers' block returns ``(hidden, router_logits)`` in some versions: keep only the states."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.block(hidden_states)
-        return out[0] if isinstance(out, tuple) else out
-
-
-def _moe_zoo_block(implementation: str, hidden: int, intermediate: int, experts: int, top_k: int) -> SparseMoeBlock:
+def moe_zoo_block(implementation: str, hidden: int, intermediate: int, experts: int, top_k: int) -> SparseMoeBlock:
     config = BenchConfig(num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True)
     config._experts_implementation = implementation
     block = SparseMoeBlock(config, hidden, intermediate, "silu")
@@ -74,7 +67,7 @@ def _qwen3_moe_block(implementation: str, hidden: int, intermediate: int, expert
     config._experts_implementation = implementation
     block = Qwen3MoeSparseMoeBlock(config)
     block.load_state_dict(weights)
-    return _Qwen3MoeBlock(block)
+    return block
 
 
 def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, repeats: int) -> dict:
@@ -83,7 +76,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
     variants: dict[str, torch.nn.Module] = {"dense_floor": GatedMLP(hidden, intermediate, "silu")}
     inputs = {"dense_floor": torch.randn(1, tokens * top_k, hidden)}
     skipped = {}
-    ours = _moe_zoo_block(OURS, hidden, intermediate, experts, top_k)
+    ours = moe_zoo_block(OURS, hidden, intermediate, experts, top_k)
     weights = {name: ours.state_dict()[name] for name in ("gate.weight", "experts.gate_up_proj", "experts.down_proj")}
     for implementation in ("eager", "grouped_mm", OURS):
         variants[f"transformers_qwen3_moe[{implementation}]"] = _qwen3_moe_block(
@@ -97,7 +90,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         implementations.remove("batched_mm")
         skipped["moe_zoo_block[batched_mm]"] = f"would gather {gathered_bytes / 2**30:.1f} GiB of expert weights"
     for implementation in implementations:
-        block = ours if implementation == OURS else _moe_zoo_block(implementation, hidden, intermediate, experts, top_k)
+        block = ours if implementation == OURS else moe_zoo_block(implementation, hidden, intermediate, experts, top_k)
         block.load_state_dict(ours.state_dict())
         variants[f"moe_zoo_block[{implementation}]"] = block
 
@@ -135,27 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="glibc keeps freed memory (no page faults for reused tensors); see timing.keep_freed_memory()",
-    )
+    add_machine_options(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/moe_block_cpu.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.intermediate, args.experts, args.repeats = 32, 16, 24, 4, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kept = keep_freed_memory() if args.keep_freed_memory else False
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    report = run(args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.repeats)
-    report["allocator"] = "glibc keeps freed memory (mallopt)" if kept else "default"
-    if load_before is not None:
-        report["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    report = run_measured(
+        args, lambda: run(args.tokens, args.hidden, args.intermediate, args.experts, args.top_k, args.repeats)
+    )
+    write_report(args.output, report)
     for name, timing in report["results"].items():
         print(
             f"{name:36s} fwd {timing['forward_ms']:8.2f} ms ({timing['forward_vs_dense_floor']:.2f}x floor)   "

@@ -13,12 +13,11 @@ ratios from one run.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from bench_moe_block import OURS
-from timing import environment, interleaved_step_medians
+from timing import add_machine_options, environment, interleaved_step_medians, run_measured, write_report
 from transformers import CLIPVisionConfig, LlamaConfig
 
 import moe_zoo
@@ -121,24 +120,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--text-tokens", type=int, default=112)
     parser.add_argument("--repeats", type=int, default=8)  # two rotations of the four variants
+    add_machine_options(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/moe_llava_step_cpu.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.experts, args.batch, args.text_tokens = 64, 64, 2, 4, 2, 8
         args.repeats = 1
-    report = run(
-        args.hidden,
-        args.intermediate,
-        args.layers,
-        args.experts,
-        args.top_k,
-        args.batch,
-        args.text_tokens,
-        args.repeats,
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    shape = (args.hidden, args.intermediate, args.layers, args.experts, args.top_k, args.batch, args.text_tokens)
+    report = run_measured(args, lambda: run(*shape, args.repeats))
+    write_report(args.output, report)
     for name, timing in report["results"].items():
         print(
             f"{name:32s} step {timing['step_ms']:9.2f} ms ({timing['vs_dense']:.2f}x dense)   "

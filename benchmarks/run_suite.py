@@ -5,20 +5,20 @@ next to one summary, ``benchmarks/results/suite_cpu.json``, and prints the ratio
 5 minutes on a 2-core CPU; ``--quick`` runs every part at tiny sizes (the tests do this).
 
     python benchmarks/run_suite.py
-    python benchmarks/run_suite.py --keep-freed-memory    # glibc keeps freed pages (see timing.keep_freed_memory)
+    python benchmarks/run_suite.py --keep-freed-memory    # glibc keeps freed pages (see timing.keep_freed_memory);
+                                                          # --keep-freed-memory and --threads reach every part
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import bench_decode
 import bench_mixlora
 import bench_moe_block
 import bench_training_step
-from timing import keep_freed_memory
+from timing import add_machine_options, write_report
 
 PARTS = {
     "moe_block": bench_moe_block,
@@ -53,21 +53,21 @@ def summary(reports: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every part at tiny sizes, one repeat")
-    parser.add_argument("--keep-freed-memory", action="store_true", help="see timing.keep_freed_memory()")
+    add_machine_options(parser)
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    kept = keep_freed_memory() if args.keep_freed_memory else False
+    shared = ["--quick"] * args.quick + ["--keep-freed-memory"] * args.keep_freed_memory
+    shared += ["--threads", str(args.threads)] if args.threads else []
     reports = {}
     for name, module in PARTS.items():
         print(f"== {name}")
-        part_args = ["--output", str(args.output_dir / f"suite_{name}.json")] + (["--quick"] if args.quick else [])
-        reports[name] = module.main(part_args)
+        reports[name] = module.main(["--output", str(args.output_dir / f"suite_{name}.json"), *shared])
     result = {
-        "allocator": "glibc keeps freed memory (mallopt)" if kept else "default",
+        "allocator": reports["moe_block"]["allocator"],
         "summary": summary(reports),
         "parts": {name: str(args.output_dir / f"suite_{name}.json") for name in PARTS},
     }
-    (args.output_dir / "suite_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.output_dir / "suite_cpu.json", result)
     print("== summary")
     for key, value in result["summary"].items():
         print(f"{key:52s} {value}")

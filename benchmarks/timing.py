@@ -5,11 +5,15 @@ Benchmarks import it as a sibling module (``python benchmarks/bench_x.py`` puts 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import json
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,3 +113,32 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--keep-freed-memory``, which every benchmark script takes (see :func:`run_measured`)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (no page faults for reused tensors); see timing.keep_freed_memory()",
+    )
+
+
+def run_measured(args: argparse.Namespace, run: Callable[[], dict]) -> dict:
+    """``run()`` under the machine options of ``args``; its report gains the allocator used and the 1-minute load
+    average before and after, which tell a quiet run from one that shared the cores."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report = run()
+    report["allocator"] = "glibc keeps freed memory (mallopt)" if kept else "default"
+    if load_before is not None:
+        report["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    return report
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
