@@ -1,4 +1,5 @@
-"""Our SparseMoeBlock (with every experts implementation, moe_zoo's included) against transformers' own MoE blocks, with the same weights (fp32, outputs and input grads)."""
+"""Our SparseMoeBlock, with every experts implementation (moe_zoo's included), against transformers' own MoE blocks
+with the same weights (fp32, outputs and input grads)."""
 
 import pytest
 import torch

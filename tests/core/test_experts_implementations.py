@@ -1,5 +1,5 @@
-"""eager, batched_mm, grouped_mm and moe_zoo's own implementation agree for our expert banks, also with a variable number of experts per token,
-and the zero-computation / shared experts compute what they promise."""
+"""eager, batched_mm, grouped_mm and moe_zoo's own implementation agree for our expert banks, also with a variable
+number of experts per token, and the zero-computation / shared experts compute what they promise."""
 
 import pytest
 import torch
