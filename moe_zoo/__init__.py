@@ -10,6 +10,7 @@ from .modeling.moe_llava import (
     MoeLlavaProcessor,
     upcycle_moe_llava,
 )
+from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration
 from .modeling.upcycled_moe import (
     UpcycledMoeConfig,
     UpcycledMoeForCausalLM,
@@ -29,6 +30,8 @@ __all__ = [
     "MoeLlavaProcessor",
     "MoeOptions",
     "SparseMoeBlock",
+    "UniMoeConfig",
+    "UniMoeForConditionalGeneration",
     "UpcycledMoeConfig",
     "UpcycledMoeForCausalLM",
     "__version__",

@@ -6,10 +6,18 @@ transformers has no entry-point discovery, so importing the package is what make
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
 
 from .core.fused_experts import register_experts_implementation
 from .modeling.moe_llava import MoeLlavaConfig, MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaProcessor
+from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration, UniMoeModel
 from .modeling.upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
 
@@ -21,3 +29,7 @@ def register_auto_classes() -> None:
     AutoModel.register(MoeLlavaConfig, MoeLlavaModel, exist_ok=True)
     AutoModelForImageTextToText.register(MoeLlavaConfig, MoeLlavaForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(MoeLlavaConfig, MoeLlavaProcessor, exist_ok=True)
+    AutoConfig.register(UniMoeConfig.model_type, UniMoeConfig, exist_ok=True)
+    AutoModel.register(UniMoeConfig, UniMoeModel, exist_ok=True)
+    AutoModelForMultimodalLM.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
