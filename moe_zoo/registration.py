@@ -17,7 +17,7 @@ from transformers import (
 
 from .core.fused_experts import register_experts_implementation
 from .modeling.moe_llava import MoeLlavaConfig, MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaProcessor
-from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration, UniMoeModel
+from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration, UniMoeModel, UniMoeProcessor
 from .modeling.upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
 
@@ -33,3 +33,4 @@ def register_auto_classes() -> None:
     AutoModel.register(UniMoeConfig, UniMoeModel, exist_ok=True)
     AutoModelForMultimodalLM.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(UniMoeConfig, UniMoeProcessor, exist_ok=True)

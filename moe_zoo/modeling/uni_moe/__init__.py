@@ -1,10 +1,14 @@
 from .configuration_uni_moe import MODALITIES, UniMoeConfig
 from .modeling_uni_moe import UniMoeForConditionalGeneration, UniMoeModel, UniMoePreTrainedModel
+from .processing_uni_moe import UNI_MOE_CHAT_TEMPLATE, UNI_MOE_SYSTEM_PROMPT, UniMoeProcessor
 
 __all__ = [
     "MODALITIES",
+    "UNI_MOE_CHAT_TEMPLATE",
+    "UNI_MOE_SYSTEM_PROMPT",
     "UniMoeConfig",
     "UniMoeForConditionalGeneration",
     "UniMoeModel",
     "UniMoePreTrainedModel",
+    "UniMoeProcessor",
 ]
