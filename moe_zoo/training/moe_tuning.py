@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +50,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..core.options import parse_moe_layers
 from ..modeling.moe_llava import (
@@ -60,11 +58,19 @@ from ..modeling.moe_llava import (
     MoeLlavaProcessor,
     upcycle_moe_llava,
 )
+from .stage_utils import (
+    IGNORE_INDEX,
+    chat_segments,
+    pad_right,
+    resume_point,
+    set_trainable_by_patterns,
+    wants_resume,
+    with_stage_defaults,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100
 
 # --- what each stage trains ------------------------------------------------------------------------------------------
 
@@ -94,8 +100,6 @@ STAGE_TRAINABLE: dict[int, tuple[str, ...]] = {
 DEFAULT_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-5}
 """The original scripts' learning rates, used when ``TrainingArguments.learning_rate`` is left at its default."""
 
-_TRAINER_DEFAULT_LEARNING_RATE = TrainingArguments.__dataclass_fields__["learning_rate"].default
-
 
 def _check_stage(stage: int) -> int:
     if stage not in STAGE_TRAINABLE:
@@ -115,16 +119,7 @@ def set_trainable(model: MoeLlavaForConditionalGeneration, stage: int) -> list[s
             "Stage 3 trains the upcycled model, but this model has no MoE layer; upcycle the stage-2 model with "
             "moe_zoo.upcycle_moe_llava first."
         )
-    patterns = [re.compile(p) for p in STAGE_TRAINABLE[stage]]
-    trainable = []
-    for name, parameter in model.named_parameters():
-        on = any(p.match(name) for p in patterns)
-        parameter.requires_grad_(on)
-        if on:
-            trainable.append(name)
-    if not trainable:
-        raise ValueError(f"No parameter of {type(model).__name__} matches stage {stage}'s {STAGE_TRAINABLE[stage]}.")
-    return trainable
+    return set_trainable_by_patterns(model, STAGE_TRAINABLE[stage], f"MoE-tuning stage {stage}")
 
 
 # --- stage I's model: pretrained vision tower + pretrained LLM + fresh projector ------------------------------------
@@ -373,20 +368,7 @@ class MoeLlavaCollator:
                 raise ValueError("A 'plain' example needs an answer (the caption).")
             images = IMAGE_TOKEN * max(1, _count_images(messages))
             return [(images, False), (_text_of(answer["content"]) + "\n", True)]
-        render = self.processor.apply_chat_template
-        pieces, done = [], ""
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = render(messages[:index], add_generation_prompt=True, tokenize=False)
-            full = render(messages[: index + 1], tokenize=False)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise ValueError("The chat template does not render a conversation as a prefix of its continuation.")
-            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
-            done = full
-        if not pieces:
-            raise ValueError("An example has no assistant answer to supervise.")
-        return pieces
+        return chat_segments(self.processor.apply_chat_template, messages)
 
     def prompt(self, example: dict) -> str:
         """The text the model sees before it answers (the chat template's generation prompt, or ``<image>``)."""
@@ -441,16 +423,7 @@ class MoeLlavaCollator:
             own = pixel_values[start : start + len(group)] if group else None
             start += len(group)
             encoded.append(self.encode(example, own))
-        length = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, (ids, lab) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            attention_mask[row, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = pad_right(encoded, self.tokenizer.pad_token_id)
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values
         return batch
@@ -613,35 +586,12 @@ def stage_training_arguments(
 ) -> TrainingArguments:
     """A copy of ``training_args`` for ``stage``: the original's learning rate when the Trainer's default is left,
     ``remove_unused_columns=False`` (the collator needs the raw examples), and ``output_dir`` when given."""
-    stage_args = copy.deepcopy(training_args)
-    if stage_args.learning_rate == _TRAINER_DEFAULT_LEARNING_RATE:
-        stage_args.learning_rate = DEFAULT_LEARNING_RATES[stage]
-        logger.warning(
-            "MoE-tuning stage %d: learning_rate is the Trainer's default (%g), so the original's %g is used; pass "
-            "another value to override it.",
-            stage,
-            _TRAINER_DEFAULT_LEARNING_RATE,
-            stage_args.learning_rate,
-        )
-    stage_args.remove_unused_columns = False
-    if output_dir is not None:
-        stage_args.output_dir = str(output_dir)
-    return stage_args
+    defaults = {"learning_rate": DEFAULT_LEARNING_RATES[stage]}
+    return with_stage_defaults(training_args, defaults, f"MoE-tuning stage {stage}", output_dir)
 
 
 STAGE_MARKER = "moe_tuning_stage.json"
 """Written into a stage's output folder once its model and processor are saved."""
-
-
-def _resume_point(resume: Any, output_dir: str, required: bool) -> str | None:
-    if resume in ("true", "True", True):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None and required:
-            raise ValueError(f"resume_from_checkpoint=true, but {output_dir} holds no checkpoint.")
-        return last
-    if resume in (None, False, "false", "False", ""):
-        return None
-    return str(resume)
 
 
 def run_stage(
@@ -656,7 +606,7 @@ def run_stage(
     :data:`STAGE_MARKER` into ``training_args.output_dir``. ``train_dataset`` holds raw examples for
     :class:`MoeLlavaCollator` (a list of dicts or a ``datasets.Dataset``). Returns the Trainer."""
     training_args = stage_training_arguments(training_args, args.stage)
-    resume = _resume_point(training_args.resume_from_checkpoint, training_args.output_dir, required=True)
+    resume = resume_point(training_args.resume_from_checkpoint, training_args.output_dir, required=True)
     model, processor = prepare_stage_model(args, seed=training_args.seed)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: keep a graph through checkpointed layers
@@ -690,9 +640,8 @@ def run_all_stages(
     ``stage_datasets`` names one for a stage (the original uses different data per stage). With
     ``resume_from_checkpoint`` true, finished stages (those holding :data:`STAGE_MARKER`) are skipped (``None`` in
     the returned list) and a stopped one continues from its last checkpoint, or starts over if it saved none."""
-    resume = training_args.resume_from_checkpoint
-    resume_all = resume in ("true", "True", True)
-    if not resume_all and resume not in (None, False, "false", "False", ""):
+    resume_all = wants_resume(training_args.resume_from_checkpoint)
+    if resume_all is None:
         raise ValueError("run_all_stages resumes with resume_from_checkpoint=true; a checkpoint path names one stage.")
     root = Path(training_args.output_dir)
     trainers: list[Trainer | None] = []
@@ -705,7 +654,7 @@ def run_all_stages(
         init_model = str(root / f"stage{stage - 1}") if stage > 1 else None
         stage_args = MoeTuningArguments(**{**asdict(args), "stage": stage, "init_model": init_model})
         per_stage = stage_training_arguments(training_args, stage, stage_dir)
-        per_stage.resume_from_checkpoint = _resume_point(True, str(stage_dir), required=False) if resume_all else None
+        per_stage.resume_from_checkpoint = resume_point(True, stage_dir, required=False) if resume_all else None
         data = (stage_datasets or {}).get(stage, train_dataset)
         trainers.append(run_stage(stage_args, per_stage, data, callbacks=callbacks))
     return trainers
