@@ -331,3 +331,19 @@ def test_modality_losses_join_the_loss_given_labels():
     without = model(**inputs, labels=labels)
     assert with_losses.loss > without.loss
     torch.testing.assert_close(with_losses.loss - without.loss, with_losses.aux_loss)
+
+
+@torch.no_grad()
+def test_eager_and_sdpa_attention_agree_in_every_tower(model, tmp_path):
+    """The attention implementation reaches the LLM and every encoder (transformers' attention interface)."""
+    model.save_pretrained(tmp_path)
+    eager = UniMoeForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    sdpa = UniMoeForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    for name in ("language_model", "vision_tower", "speech_encoder", "audio_encoder"):
+        assert getattr(eager.model, name).config._attn_implementation == "eager", name
+        assert getattr(sdpa.model, name).config._attn_implementation == "sdpa", name
+    ids, mask = pad([IMAGE_ROW, SPEECH_ROW, AUDIO_ROW])
+    inputs = dict(
+        input_ids=ids, attention_mask=mask, pixel_values=images(1), input_features=mels(2), input_values=mels(1)
+    )
+    torch.testing.assert_close(eager(**inputs).logits, sdpa(**inputs).logits, atol=1e-5, rtol=0)
