@@ -213,6 +213,25 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         help="id of the <image> token; default: a new row at the original vocabulary size",
     )
     moe_llava.set_defaults(handler=_run_convert_moe_llava)
+    uni_moe = formats.add_parser(
+        "uni-moe",
+        help="an original Uni-MoE checkpoint (v1 speech/vision, or the 8-expert DeepSpeed variant)",
+        description="Convert an original Uni-MoE checkpoint folder (config.json, model.safetensors or "
+        "pytorch_model*.bin, or a split e2 folder with its extra files and LoRA adapter) into a "
+        "UniMoeForConditionalGeneration folder, loadable with AutoModelForImageTextToText. The towers' configs come "
+        "from --encoders-dir (default: SRC/encoders). Fails, naming the keys, if any tensor cannot be placed or filled.",
+    )
+    uni_moe.add_argument("src", help="the original checkpoint folder")
+    uni_moe.add_argument("dst", help="where to write the converted model (written atomically)")
+    uni_moe.add_argument("--encoders-dir", default=None, help="folder with the towers' configs, e.g. whisper-small/")
+    uni_moe.add_argument("--vision-config", default=None, help="the CLIP config (file or folder) instead")
+    uni_moe.add_argument("--speech-config", default=None, help="the Whisper config (file or folder) instead")
+    uni_moe.add_argument("--base-dir", default=None, help="the full base checkpoint of a split e2 folder")
+    uni_moe.add_argument(
+        "--adapter-dir", default=None, help="the PEFT LoRA adapter folder (default: SRC if it has one)"
+    )
+    uni_moe.add_argument("--experts-dir", default=None, help="8e: the Uni-MoE-8e-Experts folder (mlp_base.bin, ...)")
+    uni_moe.set_defaults(handler=_run_convert_uni_moe)
 
 
 def _run_convert_moe_llava(args: argparse.Namespace) -> int:
@@ -222,6 +241,23 @@ def _run_convert_moe_llava(args: argparse.Namespace) -> int:
         args.src, args.dst, vision_config=args.vision_config, image_token_id=args.image_token_id
     )
     print(f"Converted {args.src} to {output}")
+    return 0
+
+
+def _run_convert_uni_moe(args: argparse.Namespace) -> int:
+    from .modeling.uni_moe.convert_uni_moe_original import convert_uni_moe_original
+
+    convert_uni_moe_original(
+        args.src,
+        args.dst,
+        encoders_dir=args.encoders_dir,
+        vision_config=args.vision_config,
+        speech_config=args.speech_config,
+        base_dir=args.base_dir,
+        adapter_dir=args.adapter_dir,
+        experts_dir=args.experts_dir,
+    )
+    print(f"Converted {args.src} to {args.dst}")
     return 0
 
 

@@ -32,9 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, GenerationConfig, PhiConfig, PreTrainedConfig, Qwen2Config, StableLmConfig
+from transformers import GenerationConfig, PhiConfig, PreTrainedConfig, Qwen2Config, StableLmConfig
 
 from ...atomic_io import atomic_directory
+from ..conversion_utils import ConversionError, load_original_state_dict, load_vision_config
+from ..conversion_utils import first_field as _first
+from ..conversion_utils import key_listing as _listing
+from ..conversion_utils import require_field as _require
+from ..conversion_utils import vision_prefix as _vision_prefix
 from .configuration_moe_llava import MoeLlavaConfig
 
 VARIANTS = ("phi", "stablelm", "qwen1_5")
@@ -51,21 +56,9 @@ VISION_TOWER_PREFIX = "model.image_tower.image_tower.vision_model."
 """Where the original keeps the vision tower (CLIP/SigLIP ``vision_model``)."""
 
 DEFAULT_VISION_CONFIG_NAME = "vision_tower_config.json"
-MAX_LISTED_KEYS = 40
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted faithfully (the message says what and why)."""
 
 
 # --- state dict --------------------------------------------------------------------------------------------------
-
-
-def _listing(keys: Sequence[str]) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    more = f", ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else ""
-    return f"{len(keys)} key(s): {shown}{more}"
 
 
 def _variant_of(name: str) -> str:
@@ -229,16 +222,6 @@ def append_image_token_rows(state_dict: dict[str, torch.Tensor]) -> int:
 # --- configs -----------------------------------------------------------------------------------------------------
 
 
-def _require(config: Mapping[str, Any], name: str, where: str) -> Any:
-    if config.get(name) is None:
-        raise ConversionError(f"{where} has no {name!r}, which the conversion needs")
-    return config[name]
-
-
-def _first(config: Mapping[str, Any], names: Sequence[str], default: Any = None) -> Any:
-    return next((config[n] for n in names if config.get(n) is not None), default)
-
-
 def build_text_config(original: Mapping[str, Any], variant: str, vocab_size: int) -> PreTrainedConfig:
     """The transformers config of the backbone (``PhiConfig``, ``StableLmConfig`` or ``Qwen2Config``) from the
     original config's fields, with ``vocab_size`` rows."""
@@ -300,32 +283,6 @@ def build_text_config(original: Mapping[str, Any], variant: str, vocab_size: int
         max_window_layers=original.get("max_window_layers", common["num_hidden_layers"]),
         rope_parameters=rope,
     )
-
-
-def load_vision_config(path: str | os.PathLike) -> PreTrainedConfig:
-    """A CLIP or SigLIP vision config from a JSON file, or from a folder's ``config.json``; a full CLIP/SigLIP
-    config gives its ``vision_config``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"vision config {path} does not exist")
-    fields = json.loads(path.read_text())
-    model_type = fields.pop("model_type", None)
-    if model_type in ("clip", "siglip"):
-        if not isinstance(fields.get("vision_config"), dict):
-            raise ConversionError(f"{path} is a {model_type} config without a vision_config")
-        fields = dict(fields["vision_config"])
-        fields.pop("model_type", None)
-        model_type += "_vision_model"
-    if model_type not in ("clip_vision_model", "siglip_vision_model"):
-        raise ConversionError(
-            f"vision config {path} has model_type {model_type!r}; MoE-LLaVA's towers are CLIP "
-            "('clip_vision_model') and SigLIP ('siglip_vision_model')"
-        )
-    for name in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-        fields.pop(name, None)
-    return AutoConfig.for_model(model_type, **fields)
 
 
 def _moe_fields(original: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,36 +367,6 @@ def build_config(
 # --- files -------------------------------------------------------------------------------------------------------
 
 
-def load_original_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of an original checkpoint folder: ``model.safetensors`` (or its shards), else
-    ``pytorch_model.bin`` (or its shards), the latter read with ``torch.load(weights_only=True)``."""
-    from safetensors.torch import load_file
-
-    src = Path(src)
-    for single, index, load in (
-        ("model.safetensors", "model.safetensors.index.json", load_file),
-        (
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-            lambda path: torch.load(path, map_location="cpu", weights_only=True),
-        ),
-    ):
-        if (src / single).is_file():
-            return dict(load(src / single))
-        if (src / index).is_file():
-            shards = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
-            state_dict = {}
-            for shard in shards:
-                state_dict.update(load(src / shard))
-            return state_dict
-    raise ConversionError(f"{src} holds no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
-
-
-def _vision_prefix(expected_keys: Sequence[str]) -> str:
-    nested = any(k.startswith("model.vision_tower.vision_model.") for k in expected_keys)
-    return "model.vision_tower.vision_model." if nested else "model.vision_tower."
-
-
 def convert_moe_llava_original(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -476,7 +403,7 @@ def convert_moe_llava_original(
                 f"no vision tower config: {src} has no {DEFAULT_VISION_CONFIG_NAME}; pass the config.json of "
                 f"{original.get('mm_image_tower') or 'the vision tower'} with --vision-config PATH"
             )
-    tower = load_vision_config(vision_config)
+    tower = load_vision_config(vision_config)  # CLIP or SigLIP
 
     original_sd = load_original_state_dict(src)
     embed = original_sd.get("model.embed_tokens.weight")

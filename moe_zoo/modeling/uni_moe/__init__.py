@@ -1,4 +1,5 @@
 from .configuration_uni_moe import MODALITIES, UniMoeConfig
+from .convert_uni_moe_original import convert_original_inputs, convert_uni_moe_original
 from .modeling_uni_moe import UniMoeForConditionalGeneration, UniMoeModel, UniMoePreTrainedModel
 from .processing_uni_moe import UNI_MOE_CHAT_TEMPLATE, UNI_MOE_SYSTEM_PROMPT, UniMoeProcessor
 
@@ -11,4 +12,6 @@ __all__ = [
     "UniMoeModel",
     "UniMoePreTrainedModel",
     "UniMoeProcessor",
+    "convert_original_inputs",
+    "convert_uni_moe_original",
 ]
