@@ -347,3 +347,14 @@ def test_eager_and_sdpa_attention_agree_in_every_tower(model, tmp_path):
         input_ids=ids, attention_mask=mask, pixel_values=images(1), input_features=mels(2), input_values=mels(1)
     )
     torch.testing.assert_close(eager(**inputs).logits, sdpa(**inputs).logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_generate_with_router_logits_on(model):
+    """Cached steps route only the new positions while the attention mask covers the past: the router loss must
+    mask the new positions only (it raised a shape error before)."""
+    ids, mask = pad([TEXT_ROW, IMAGE_ROW])
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=images(1), max_new_tokens=3, output_router_logits=True
+    )
+    assert out.shape == (2, ids.shape[1] + 3)

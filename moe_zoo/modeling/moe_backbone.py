@@ -173,6 +173,9 @@ class MoeModelMixin:
         if not enabled:
             return {"loss": loss, "aux_loss": None, "router_logits": None}
         token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if token_mask is not None and routing and token_mask.numel() != routing[0].logits.shape[0]:
+            # A cached step (generate): the mask covers the past too, the routing only the new positions.
+            token_mask = token_mask[:, -(routing[0].logits.shape[0] // token_mask.shape[0]) :]
         aux_loss = router_aux_loss(routing, self.config, token_mask)
         if loss is not None and aux_loss is not None:
             loss = loss + aux_loss.to(loss.device)
