@@ -358,3 +358,17 @@ def test_generate_with_router_logits_on(model):
         input_ids=ids, attention_mask=mask, pixel_values=images(1), max_new_tokens=3, output_router_logits=True
     )
     assert out.shape == (2, ids.shape[1] + 3)
+
+
+@torch.no_grad()
+def test_a_tied_language_model_keeps_its_lm_head_through_save_and_load(tmp_path):
+    """SmolLM2 ties its LM head to the embeddings: the composite must tie too, or the saved checkpoint would lack
+    ``lm_head.weight`` and reload it at random."""
+    text = {**tiny_config().text_config.to_dict(), "tie_word_embeddings": True}
+    model = UniMoeForConditionalGeneration(tiny_config(text_config=text)).eval()
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = UniMoeForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([TEXT_ROW])  # an untied random head would differ by O(1); kernels on reloaded memory by 1e-8
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)

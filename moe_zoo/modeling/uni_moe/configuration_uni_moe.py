@@ -84,6 +84,8 @@ class UniMoeConfig(PreTrainedConfig, MoeOptions):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
+            self.tie_word_embeddings = True  # as Llava: a tied LLM (SmolLM2) keeps its LM head tied
         if self.audio_config is not None and self.audio_qformer_config is None:
             raise ValueError(
                 "`audio_qformer_config` is None, but `audio_config` is set: the audio connector is a Q-Former; pass "
