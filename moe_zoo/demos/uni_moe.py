@@ -60,6 +60,7 @@ from ..training.uni_moe_data import UniMoeCollator
 from ..training.uni_moe_stages import UniMoeTrainingArguments, run_stage1, run_stage2, run_stage3
 from ..vision_tower import digits_vision_tower_path
 from . import check
+from .moe_llava import StageSettings
 
 DEFAULT_OUTPUT_DIR = "outputs/uni-moe-demo"
 CHANCE = {"digit": 0.1, "parity": 0.5, "yes_no": 0.5}
@@ -69,13 +70,8 @@ SYSTEM_PROMPT = "Answer in one word."
 MODALITY_ROWS = ("image", "speech", "text")
 
 
-@dataclass
-class RunSettings:
-    """How long and how fast one run trains."""
-
-    steps: int
-    batch_size: int
-    learning_rate: float
+RunSettings = StageSettings
+"""How long and how fast one run trains (the MoE-LLaVA demo's settings class)."""
 
 
 @dataclass
