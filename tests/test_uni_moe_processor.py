@@ -128,3 +128,22 @@ def test_processor_output_runs_through_the_model(processor):
     out = model(**batch)
     assert out.logits.shape == (4, batch["input_ids"].shape[1], len(WORDS))
     assert torch.isfinite(out.logits).all()
+
+
+@torch.no_grad()
+def test_a_clip_of_real_digit_images_is_a_video_pooled_over_its_frames(processor):
+    """A short frame clip made of scikit-learn's real digit images: the processor samples its frames uniformly and
+    the model's video features are the frame mean of its image features."""
+    from moe_zoo.vision_tower import digit_image, load_digit_images
+
+    digits, _ = load_digit_images()
+    frames = [digit_image(digits[i]) for i in range(5)]
+    ids = processor.placeholder_token_ids()
+    config = tiny_config(text_config={**tiny_config().text_config.to_dict(), "vocab_size": len(WORDS)}, **ids)
+    model = UniMoeForConditionalGeneration(config).eval()
+    batch = processor(text=["<video> what is this ?"], videos=[frames])
+    assert batch["pixel_values_videos"].shape == (1, 3, 3, 32, 32)
+    sampled = processor(text="<image> <image> <image>", images=[frames[0], frames[2], frames[4]])["pixel_values"]
+    video = model.model.get_video_features(batch["pixel_values_videos"])
+    torch.testing.assert_close(video[0], model.model.get_image_features(sampled).mean(0))
+    assert torch.isfinite(model(**batch).logits).all()
