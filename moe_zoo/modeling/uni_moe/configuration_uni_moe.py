@@ -110,7 +110,7 @@ class UniMoeConfig(PreTrainedConfig, MoeOptions):
                 f"`speech_query_tokens` is {self.speech_query_tokens}, but the Whisper decoder that reads the "
                 f"queries has only max_target_positions={self.speech_config.max_target_positions} positions."
             )
-        ids = [self.image_token_id, self.video_token_id, self.speech_token_id, self.audio_token_id]
+        ids = list(self.placeholder_token_ids().values())
         if len(set(ids)) != len(ids):
             raise ValueError(f"The placeholder token ids (image, video, speech, audio) must differ, got {ids}.")
         for name in ("modality_l1_loss_coef", "modality_kl_loss_coef"):
@@ -138,14 +138,8 @@ class UniMoeConfig(PreTrainedConfig, MoeOptions):
         return getattr(self.text_config, "initializer_range", 0.02)
 
     def placeholder_token_ids(self) -> dict[str, int]:
-        """``{modality: placeholder id}`` for the modalities this model has an encoder for."""
-        present = {
-            "image": self.vision_config is not None,
-            "video": self.vision_config is not None,
-            "speech": self.speech_config is not None,
-            "audio": self.audio_config is not None,
-        }
-        return {m: getattr(self, f"{m}_token_id") for m in MODALITIES if present[m]}
+        """``{modality: placeholder id}`` for the four media, in :data:`MODALITIES` order."""
+        return {m: getattr(self, f"{m}_token_id") for m in MODALITIES}
 
 
 def audio_hidden_size(audio_config: PreTrainedConfig) -> int:

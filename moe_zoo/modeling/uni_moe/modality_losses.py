@@ -32,10 +32,11 @@ KL_PAIRS = (("image", "audio"), ("image", "text"), ("audio", "text"), ("audio", 
 
 def modality_token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config) -> dict:
     """``{image, video, audio, text: (B, T) bool}``; speech and audio placeholders both count as audio."""
+    ids = config.placeholder_token_ids()
     masks = {
-        "image": input_ids == config.image_token_id,
-        "video": input_ids == config.video_token_id,
-        "audio": (input_ids == config.speech_token_id) | (input_ids == config.audio_token_id),
+        "image": input_ids == ids["image"],
+        "video": input_ids == ids["video"],
+        "audio": (input_ids == ids["speech"]) | (input_ids == ids["audio"]),
     }
     text = ~(masks["image"] | masks["video"] | masks["audio"])
     if attention_mask is not None and attention_mask.dim() == 2:

@@ -214,14 +214,11 @@ class UniMoeModel(UniMoePreTrainedModel):
         Raises ``ValueError`` naming the modality when the number of placeholder tokens differs from the number of
         feature vectors, or when placeholders have no inputs.
         """
-        placeholder_ids = {
-            "image": self.config.image_token_id,
-            "video": self.config.video_token_id,
-            "speech": self.config.speech_token_id,
-            "audio": self.config.audio_token_id,
-        }
+        placeholder_ids = self.config.placeholder_token_ids()
         is_placeholder = torch.isin(input_ids, torch.tensor(list(placeholder_ids.values()), device=input_ids.device))
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))
+        if all(values is None for values in media.values()) and not is_placeholder.any():
+            return embeds  # text, and every cached decoding step: one check instead of one per modality
         encoders = {
             "image": self.get_image_features,
             "video": self.get_video_features,
