@@ -48,12 +48,12 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from ..assets import cache_dir, is_complete, smollm2_path
+from ..assets import COMPLETE_MARKER, cache_dir, is_complete, smollm2_path
 from ..atomic_io import atomic_directory, atomic_write_text
 from ..core.recording import collect_routing
 from ..modeling.uni_moe import UniMoeForConditionalGeneration
 from ..speech_assets import shorten_whisper_chunks, whisper_tiny_en_path
-from ..training.expert_load import plot_expert_load
+from ..training.expert_load import counted_positions, plot_expert_load, routed_counts
 from ..training.image_qa import QUESTION_KINDS, answer_is_correct, digit_qa_examples
 from ..training.spoken_digit_qa import spoken_digit_examples
 from ..training.uni_moe_data import UniMoeCollator
@@ -150,7 +150,7 @@ def short_chunk_whisper_path(seconds: int = SPEECH_CHUNK_SECONDS) -> Path:
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         extractor.save_pretrained(tmp)
-        atomic_write_text(tmp / "moe_zoo_asset.json", json.dumps({"source": str(source), "seconds": seconds}))
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(source), "seconds": seconds}))
     return target
 
 
@@ -181,22 +181,16 @@ def grade(model, processor, examples: list[dict], batch_size: int = 10) -> tuple
 def routing_by_modality(model, processor, examples: list[dict]) -> torch.Tensor:
     """``(layers, 3, experts)``: the share of the image, speech and text tokens' assignments per expert."""
     collator = UniMoeCollator(processor, max_length=256)
-    ids = {m: getattr(model.config, f"{m}_token_id") for m in ("image", "speech")}
+    ids = model.config.placeholder_token_ids()
     counts = None
     model.eval()
     for example in examples:
         batch = collator.generation_inputs([example])
         with collect_routing() as routing:
             model(**batch)
-        tokens = batch["input_ids"].reshape(-1)
-        masks = [tokens == ids["image"], tokens == ids["speech"], (tokens != ids["image"]) & (tokens != ids["speech"])]
-        layer_counts = []
-        for record in routing:
-            experts = record.logits.shape[-1]
-            layer_counts.append(
-                torch.stack([torch.bincount(record.indices[m].reshape(-1), minlength=experts) for m in masks])
-            )
-        stacked = torch.stack(layer_counts).float()
+        image, speech = (counted_positions(batch, ids[m]) for m in ("image", "speech"))
+        text = counted_positions(batch) & ~image & ~speech
+        stacked = torch.stack([routed_counts(routing, positions) for positions in (image, speech, text)], dim=1)
         counts = stacked if counts is None else counts + stacked
     return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
