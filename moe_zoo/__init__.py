@@ -4,6 +4,7 @@
 """
 
 from .core import MoeOptions, SparseMoeBlock, update_selection_biases
+from .modeling.metis_home import MetisHomeConfig, MetisHomeForConditionalGeneration, expand_to_metis_home
 from .modeling.moe_llava import (
     MoeLlavaConfig,
     MoeLlavaForConditionalGeneration,
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 register_auto_classes()
 
 __all__ = [
+    "MetisHomeConfig",
+    "MetisHomeForConditionalGeneration",
     "MoeLlavaConfig",
     "MoeLlavaForConditionalGeneration",
     "MoeLlavaProcessor",
@@ -35,6 +38,7 @@ __all__ = [
     "UpcycledMoeConfig",
     "UpcycledMoeForCausalLM",
     "__version__",
+    "expand_to_metis_home",
     "max_logit_difference",
     "update_selection_biases",
     "upcycle_moe_llava",

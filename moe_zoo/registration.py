@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from .core.fused_experts import register_experts_implementation
+from .modeling.metis_home import MetisHomeConfig, MetisHomeForConditionalGeneration
 from .modeling.moe_llava import MoeLlavaConfig, MoeLlavaForConditionalGeneration, MoeLlavaModel, MoeLlavaProcessor
 from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration, UniMoeModel, UniMoeProcessor
 from .modeling.upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
@@ -34,3 +35,6 @@ def register_auto_classes() -> None:
     AutoModelForMultimodalLM.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(UniMoeConfig, UniMoeProcessor, exist_ok=True)
+    AutoConfig.register(MetisHomeConfig.model_type, MetisHomeConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MetisHomeConfig, MetisHomeForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(MetisHomeConfig, MetisHomeForConditionalGeneration, exist_ok=True)

@@ -34,13 +34,14 @@ _active: ContextVar[list[LayerRouting] | None] = ContextVar("moe_zoo_routing", d
 
 
 @contextmanager
-def collect_routing(enabled: bool = True) -> Iterator[list[LayerRouting]]:
+def collect_routing(enabled: bool = True, propagate: bool = True) -> Iterator[list[LayerRouting]]:
     """Collect the routing of every MoE block run inside the ``with`` body, in execution order.
 
     With ``enabled=False`` nothing is collected here and an enclosing collector, if any, keeps collecting: a model
     whose forward does not need its routing does not hide it from a caller who does (e.g. an expert-load probe).
     An enabled collector inside another one hands its records on to the outer one when it closes, so a model that
-    collects its own routing (for its router loss) does not hide it either.
+    collects its own routing (for its router loss) does not hide it either. With ``propagate=False`` the records
+    stay here: a caller that reports them itself in another form (Metis-HOME merges its branches' records).
     """
     records: list[LayerRouting] = []
     if not enabled:
@@ -52,7 +53,7 @@ def collect_routing(enabled: bool = True) -> Iterator[list[LayerRouting]]:
         yield records
     finally:
         _active.reset(token)
-        if outer is not None:
+        if outer is not None and propagate:
             outer.extend(records)
 
 

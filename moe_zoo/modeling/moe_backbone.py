@@ -99,7 +99,20 @@ def initialize_moe_modules(model: PreTrainedModel) -> None:
             model._initialize_weights(module)
 
 
-class MoeModelMixin:
+class AtomicSaveMixin:
+    """``save_pretrained`` made atomic per file; list it before the ``PreTrainedModel`` base."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated
+        weight file or a config that describes weights that are not there (see
+        :func:`moe_zoo.atomic_io.save_files_atomically`). Other files in ``save_directory`` are kept."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        parent = super()
+        save_files_atomically(save_directory, lambda folder: parent.save_pretrained(folder, *args, **kwargs))
+
+
+class MoeModelMixin(AtomicSaveMixin):
     """What every moe_zoo ``PreTrainedModel`` with MoE blocks inside a backbone adds to transformers' behaviour.
 
     List it before the ``PreTrainedModel`` base: ``class XPreTrainedModel(MoeModelMixin, PreTrainedModel)``.
@@ -119,15 +132,6 @@ class MoeModelMixin:
         """moe_zoo's own experts implementation (:mod:`moe_zoo.core.fused_experts`) unless another is asked for;
         transformers' default would be ``grouped_mm``."""
         return super().get_correct_experts_implementation(requested_experts or EXPERTS_IMPLEMENTATION)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated
-        weight file or a config that describes weights that are not there (see
-        :func:`moe_zoo.atomic_io.save_files_atomically`). Other files in ``save_directory`` are kept."""
-        if kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        parent = super()
-        save_files_atomically(save_directory, lambda folder: parent.save_pretrained(folder, *args, **kwargs))
 
     def initialize_weights(self) -> None:
         initialize_moe_modules(self)
