@@ -79,10 +79,11 @@ def mmlu_examples(tasks_dir: Path) -> list[InstructionExample]:
     return examples
 
 
-def bbh_examples(tasks_dir: Path) -> list[InstructionExample]:
-    """BIG-Bench-Hard's chain-of-thought few-shot samples, with each task's description as the instruction."""
+def bbh_examples(tasks_dir: Path, variant: str = "cot_fewshot") -> list[InstructionExample]:
+    """BIG-Bench-Hard's few-shot samples, with each task's description as the instruction: worked
+    (``variant="cot_fewshot"``) or direct, answer-only (``"fewshot"``) answers."""
     examples = []
-    for path in sorted((tasks_dir / "bbh" / "cot_fewshot").glob("*.yaml")):
+    for path in sorted((tasks_dir / "bbh" / variant).glob("*.yaml")):
         config = yaml.load(path.read_text(), Loader=_TagTolerantLoader) or {}
         description = str(config.get("description", "")).strip()
         for sample in _fewshot_samples(path):
