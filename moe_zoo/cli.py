@@ -141,6 +141,50 @@ def _run_uni_moe_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_metis_home_demo(subparsers: argparse._SubParsersAction) -> None:
+    from .demos.metis_home import DemoSettings as MetisHomeDemoSettings
+
+    defaults = MetisHomeDemoSettings()
+    parser = subparsers.add_parser(
+        "metis-home-demo",
+        help="Metis-HOME: SmolLM2 split into thinking / non-thinking branches with a query router, on CPU",
+        description="Metis-HOME end to end, offline: SmolLM2-135M-Instruct's FFNs become a thinking and a "
+        "non-thinking branch, and SFT on GSM8K + MMLU chain-of-thought (thinking) and BIG-Bench-Hard direct answers "
+        "(non-thinking) from the lm_eval wheel trains the branches and the per-query router. Reports the router's "
+        "held-out accuracy and the thinking ratio per task type, checks the checkpoint reloads, and answers one "
+        "query per task type on the chosen branch. About 4 minutes on 2 CPU cores.",
+    )
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="SFT steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="(default: %(default)s)")
+    parser.add_argument(
+        "--router-learning-rate", type=float, default=defaults.router_learning_rate, help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--router-layer", type=int, default=None, help="the router's input layer (default: the middle one)"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    parser.set_defaults(handler=_run_metis_home_demo)
+
+
+def _run_metis_home_demo(args: argparse.Namespace) -> int:
+    from .demos.metis_home import DemoSettings as MetisHomeDemoSettings
+    from .demos.metis_home import run_metis_home_demo
+
+    settings = MetisHomeDemoSettings(
+        output_dir=args.output_dir,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        router_learning_rate=args.router_learning_rate,
+        router_layer=args.router_layer,
+        seed=args.seed,
+    )
+    run_metis_home_demo(settings)
+    return 0
+
+
 def _add_upcycle_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "upcycle-demo",
@@ -313,6 +357,7 @@ def _run_convert_uni_moe(args: argparse.Namespace) -> int:
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_uni_moe_demo,
+    _add_metis_home_demo,
     _add_upcycle_demo,
     _add_upcycle,
     _add_assets,

@@ -20,7 +20,7 @@ from moe_zoo.training.metis_home import MetisHomeArguments, run
 
 if __name__ == "__main__":
     metis_args, training_args = HfArgumentParser((MetisHomeArguments, TrainingArguments)).parse_args_into_dataclasses()
-    results = run(metis_args, training_args)
+    results, _ = run(metis_args, training_args)
     routing = results["heldout_routing"]
     print(f"held-out router accuracy {routing['router_accuracy']:.1%} (majority {routing['majority_baseline']:.1%})")
     for family, stats in routing["by_family"].items():

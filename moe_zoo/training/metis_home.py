@@ -275,9 +275,9 @@ def load_data(
     return split_heldout(examples, every=args.heldout_every)
 
 
-def run(args: MetisHomeArguments, training_args: TrainingArguments) -> dict:
+def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dict, MetisHomeForConditionalGeneration]:
     """RL (optional) -> expansion -> SFT -> routing evaluation; writes ``output_dir/metis_home`` (the model and
-    tokenizer) and ``output_dir/results.json``, and returns the results."""
+    tokenizer) and ``output_dir/results.json``, and returns the results and the trained model."""
     output_dir = Path(training_args.output_dir)
     dense, tokenizer = load_causal_lm(args.model_path)
     options = dict(
@@ -306,7 +306,7 @@ def run(args: MetisHomeArguments, training_args: TrainingArguments) -> dict:
         "log_history": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
-    return results
+    return results, metis
 
 
 __all__ = [

@@ -11,8 +11,8 @@ The paper ("Metis-HOME: Hybrid Optimized Mixture-of-Experts for Multimodal Reaso
 implementation chooses:
 
 - **router input**: the hidden state entering decoder layer ``config.router_layer`` (default: the middle layer), with
-  the layers below it running ``router_prefix_branch``'s FFNs (default thinking), pooled over the prompt's tokens
-  (mean by default). The prompt is the query up to and including the generation prompt; answer tokens are never
+  the layers below it running ``router_prefix_branch``'s FFNs (default thinking), each token RMS-normalised, then
+  pooled over the prompt's tokens (mean by default). The prompt is the query up to and including the generation prompt; answer tokens are never
   seen, so training and inference read the same thing.
 - **router**: ``LayerNorm -> Linear -> GELU -> Linear`` in fp32, one logit per branch; at inference the argmax.
 - **router gradient**: the router reads its input without gradient, so the router loss trains the router alone and
@@ -105,7 +105,14 @@ class QueryRouter(nn.Module):
 
 
 def pool_prompt(hidden_states: torch.Tensor, prompt_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``(B, S, H)`` states -> ``(B, H)``: the mean over the ``prompt_mask`` positions, or the last of them."""
+    """``(B, S, H)`` states -> ``(B, H)``: the mean over the ``prompt_mask`` positions, or the last of them.
+
+    Each token's state is divided by its RMS first. Mid-layer states of LLMs hold an attention sink: the first token's
+    norm is often 100x the others' (25,000 against a median of 164 at SmolLM2's layer 15), so a plain mean would be
+    that one token, the same in every prompt, and the router would see almost nothing of the query.
+    """
+    hidden_states = hidden_states.float()
+    hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6)
     mask = prompt_mask.to(hidden_states.device).bool()
     if not mask.any(-1).all():
         raise ValueError("Every query needs at least one prompt token for the router (a prompt_mask row is empty).")
