@@ -317,3 +317,43 @@ def test_three_branches_work_and_the_think_format_is_checked():
             validate_response(text, "thinking", where="sample 3")
     with pytest.raises(MalformedThinkTagsError, match="sample 3: a non_thinking sample must have an empty think"):
         validate_response("<think>x</think><answer>4</answer>", "non_thinking", where="sample 3")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, metis = _pair("text")
+    _diverge(metis)
+    ids = _inputs("text", batch=2)["input_ids"]
+    labels = ids.clone()
+    labels[:, :2] = -100
+
+    def gradients():
+        metis.zero_grad(set_to_none=True)
+        metis(input_ids=ids, labels=labels, branch_labels=torch.tensor([0, 1]), use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in metis.named_parameters() if p.grad is not None}
+
+    metis.train()
+    plain = gradients()
+    metis.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and any(".branches.non_thinking." in n for n in plain)
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+def test_eager_and_sdpa_attention_agree_and_bf16_keeps_the_router_in_fp32(tmp_path):
+    _, metis = _pair("qwen2_5_vl")
+    _diverge(metis)
+    metis.save_pretrained(tmp_path)
+    inputs = _inputs("qwen2_5_vl", batch=2)
+    outputs = {}
+    for attention in ("eager", "sdpa"):
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation=attention).eval()
+        with torch.no_grad():
+            outputs[attention] = model(**inputs)
+    assert torch.allclose(outputs["eager"].logits, outputs["sdpa"].logits, atol=1e-4)
+    assert torch.equal(outputs["eager"].branch, outputs["sdpa"].branch)
+    half = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.router.fc1.weight.dtype == torch.float32
+    assert half.model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        decision = half.route(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()})
+    assert decision.probabilities.dtype == torch.float32 and decision.indices.shape == (2,)

@@ -8,8 +8,8 @@ the whole generation, whatever the wrapped model's own generation code does betw
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -30,6 +30,29 @@ class BranchSelection:
             yield
         finally:
             self.rows = previous
+
+
+def branch_restoring_context_fn(
+    selection: BranchSelection, user_context_fn: Callable | None = None
+) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    """A ``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant) that restores, when a checkpointed layer is
+    recomputed during backward, the branch choice its forward ran with (the model's own context has closed by then).
+    ``user_context_fn``, if given, is combined with it."""
+
+    def context_fn():
+        forward, recompute = user_context_fn() if user_context_fn is not None else (nullcontext(), nullcontext())
+        rows = selection.rows
+
+        @contextmanager
+        def restored() -> Iterator[None]:
+            with ExitStack() as stack:
+                stack.enter_context(recompute)
+                stack.enter_context(selection.selected(rows))
+                yield
+
+        return forward, restored()
+
+    return context_fn
 
 
 class BranchedFFN(nn.Module):
@@ -94,4 +117,4 @@ def _report_merged_routing(records: list, batch_shape: torch.Size) -> None:
         report_routing(logits.reshape(batch * seq, -1), indices.reshape(batch * seq, -1), first.router)
 
 
-__all__ = ["BranchSelection", "BranchedFFN"]
+__all__ = ["BranchSelection", "BranchedFFN", "branch_restoring_context_fn"]

@@ -38,7 +38,7 @@ from transformers.utils.generic import can_return_tuple
 
 from ...core.upcycle import find_decoder_layers
 from ..moe_backbone import AtomicSaveMixin
-from .branches import BranchedFFN, BranchSelection
+from .branches import BranchedFFN, BranchSelection, branch_restoring_context_fn
 from .configuration_metis_home import MetisHomeConfig
 
 BranchChoice = str | int | Sequence[str | int] | torch.Tensor
@@ -251,6 +251,22 @@ class MetisHomeForConditionalGeneration(MetisHomePreTrainedModel, GenerationMixi
     def branch_ffns(self) -> list[BranchedFFN]:
         """The branched FFNs, in layer order."""
         return [layer.mlp for layer in decoder_layers(self.model, self.config.num_hidden_layers)]
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        """transformers' activation checkpointing, non-reentrant, with each recomputed layer given back the branch
+        choice its forward ran with (see :func:`~moe_zoo.modeling.metis_home.branches.branch_restoring_context_fn`).
+        The reentrant variant cannot restore it and is refused."""
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+        if checkpoint_kwargs.get("use_reentrant"):
+            raise ValueError(
+                "Metis-HOME needs non-reentrant activation checkpointing (use_reentrant=False, the default): the "
+                "branch of each row must be restored when a layer is recomputed."
+            )
+        checkpoint_kwargs["use_reentrant"] = False
+        checkpoint_kwargs["context_fn"] = branch_restoring_context_fn(
+            self.selection, checkpoint_kwargs.get("context_fn")
+        )
+        return super().activation_checkpointing_enable(checkpoint_kwargs, *args, **kwargs)
 
     # ----- choosing branches -----
 
