@@ -131,7 +131,15 @@ def test_expansion_preserves_the_dense_function_on_every_branch(base):
         assert torch.equal(p, first[name])
 
 
-@pytest.mark.parametrize("base", ["text", "moe_llava"])
+def _row(inputs: dict, i: int) -> dict:
+    """Row ``i`` of a batch of :func:`_inputs` (Qwen2.5-VL's pixel_values hold 16 patches per image, unbatched)."""
+    row = {k: v[i : i + 1] for k, v in inputs.items()}
+    if "image_grid_thw" in inputs:
+        row["pixel_values"] = inputs["pixel_values"][16 * i : 16 * (i + 1)]
+    return row
+
+
+@pytest.mark.parametrize("base", list(BASES))
 def test_a_mixed_batch_runs_each_row_on_its_branch(base):
     _, metis = _pair(base)
     _diverge(metis)
@@ -140,7 +148,7 @@ def test_a_mixed_batch_runs_each_row_on_its_branch(base):
     with torch.no_grad(), collect_routing() as routing:
         mixed = metis(**inputs, branch=rows, output_router_logits=True)
     for i, branch in enumerate(rows.tolist()):
-        alone = {k: v[i : i + 1] for k, v in inputs.items()}
+        alone = _row(inputs, i)
         with torch.no_grad():
             expected = metis(**alone, branch=branch).logits
         assert torch.allclose(mixed.logits[i : i + 1], expected, atol=1e-5)
@@ -212,6 +220,22 @@ def test_save_and_from_pretrained_keep_logits_and_branch_decisions(base, tmp_pat
         before, after = metis(**inputs), loaded(**inputs)
     assert torch.equal(before.logits, after.logits)
     assert torch.equal(before.branch, after.branch) and torch.equal(before.branch_logits, after.branch_logits)
+
+
+@pytest.mark.parametrize("base", ["qwen2_5_vl", "llava"])
+def test_a_vision_language_base_trains_with_branch_labels(base):
+    _, metis = _pair(base)
+    metis.train()
+    inputs = _inputs(base, batch=2)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    out = metis(**inputs, labels=labels, branch_labels=torch.tensor([0, 1]))
+    assert torch.isfinite(out.loss) and out.branch.tolist() == [0, 1]
+    out.loss.backward()
+    ffn = metis.branch_ffns()[0]
+    for name in ("thinking", "non_thinking"):  # one row each: both branches learn
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ffn.branches[name].parameters())
+    assert metis.router.fc2.weight.grad.abs().sum() > 0
 
 
 def test_training_loss_is_lm_plus_router_loss_and_trains_only_the_labelled_branch():
