@@ -152,7 +152,7 @@ def _add_metis_home_demo(subparsers: argparse._SubParsersAction) -> None:
         "non-thinking branch, and SFT on GSM8K + MMLU chain-of-thought (thinking) and BIG-Bench-Hard direct answers "
         "(non-thinking) from the lm_eval wheel trains the branches and the per-query router. Reports the router's "
         "held-out accuracy and the thinking ratio per task type, checks the checkpoint reloads, and answers one "
-        "query per task type on the chosen branch. About 4 minutes on 2 CPU cores.",
+        "query per task type on the chosen branch. About 5 minutes on 2 CPU cores.",
     )
     parser.add_argument("--output-dir", default=defaults.output_dir, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="SFT steps (default: %(default)s)")

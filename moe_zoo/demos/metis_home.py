@@ -15,10 +15,10 @@ What it does (every step runs through the library's public functions):
    at choosing the branch and the thinking ratio per task type are printed, and one held-out query of each type is
    answered with ``generate``, on the branch the router chose.
 
-Step counts are cut to fit a 2-core CPU (16 steps of 8 samples, about 4 minutes in all), with a constant schedule
+Step counts are cut to fit a 2-core CPU (24 steps of 8 samples, about 5 minutes in all), with a constant schedule
 and a router learning rate of 1e-2: a decaying schedule would stop the fresh router before it has learned.
 What it shows, and what it does not: the router learns to send the reasoning tasks (GSM8K, MMLU) to the thinking
-branch and the direct-answer task (BBH) to the non-thinking one; 16 steps do not teach SmolLM2 to reason, so the
+branch and the direct-answer task (BBH) to the non-thinking one; 24 steps do not teach SmolLM2 to reason, so the
 answers it prints show the format and the branch, not good reasoning.
 """
 
@@ -39,15 +39,15 @@ from ..training.metis_home import MetisHomeArguments, evaluate_routing, run
 from ..training.metis_home_data import MetisHomeCollator, demo_mix, prompt_batch
 from . import check
 
-DEFAULT_OUTPUT_DIR = "runs/metis-home-demo"
+DEFAULT_OUTPUT_DIR = "outputs/metis-home-demo"
 
 
 @dataclass
 class DemoSettings:
-    """Everything the demo can vary; the defaults take about 4 minutes on 2 CPU cores."""
+    """Everything the demo can vary; the defaults take about 5 minutes on 2 CPU cores."""
 
     output_dir: str = DEFAULT_OUTPUT_DIR
-    steps: int = 16
+    steps: int = 24
     batch_size: int = 8
     learning_rate: float = 2e-5
     router_learning_rate: float = 1e-2
