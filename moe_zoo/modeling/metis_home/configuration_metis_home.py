@@ -6,12 +6,14 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..config_views import DecoderShapeView
+
 THINKING = "thinking"
 NON_THINKING = "non_thinking"
 ROUTER_POOLINGS = ("mean", "last")
 
 
-class MetisHomeConfig(PreTrainedConfig):
+class MetisHomeConfig(DecoderShapeView, PreTrainedConfig):
     r"""Config of [`MetisHomeForConditionalGeneration`]: a dense model whose every decoder FFN became one FFN per
     branch (thinking / non-thinking), with a query router that picks one branch per query.
 
@@ -107,22 +109,6 @@ class MetisHomeConfig(PreTrainedConfig):
     @property
     def router_width(self) -> int:
         return self.router_hidden_size or max(1, self.hidden_size // 4)
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.text_config.num_hidden_layers
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text_config.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.text_config.vocab_size
-
-    @property
-    def initializer_range(self) -> float:
-        return getattr(self.text_config, "initializer_range", 0.02)
 
 
 __all__ = ["NON_THINKING", "ROUTER_POOLINGS", "THINKING", "MetisHomeConfig"]

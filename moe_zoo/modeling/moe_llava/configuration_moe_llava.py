@@ -6,10 +6,11 @@ from __future__ import annotations
 from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...core.options import MoeOptions, resolve_moe_layers, validate_moe_options
+from ...core.options import MoeOptions, validate_moe_options
+from ..config_views import InitializerRangeView, MoeLayersView
 
 
-class MoeLlavaConfig(LlavaConfig, MoeOptions):
+class MoeLlavaConfig(InitializerRangeView, MoeLayersView, LlavaConfig, MoeOptions):
     r"""Config of [`MoeLlavaForConditionalGeneration`]: Llava's fields plus the MoE options.
 
     Llava's fields keep their names and meaning: ``vision_config`` (any HF vision tower: CLIP, SigLIP, ...),
@@ -56,15 +57,6 @@ class MoeLlavaConfig(LlavaConfig, MoeOptions):
             if self.top_any_init_experts is None:
                 self.top_any_init_experts = max(1, self.num_experts // 2)
         validate_moe_options(self, self.text_config.num_hidden_layers)
-
-    @property
-    def moe_layer_indices(self) -> list[int]:
-        """The language-model layers that hold an MoE block (empty for the dense stages)."""
-        return resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
-
-    @property
-    def initializer_range(self) -> float:
-        return getattr(self.text_config, "initializer_range", 0.02)
 
 
 __all__ = ["MoeLlavaConfig"]

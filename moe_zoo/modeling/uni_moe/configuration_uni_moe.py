@@ -6,13 +6,14 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...core.options import MoeOptions, resolve_moe_layers, validate_moe_options
+from ...core.options import MoeOptions, validate_moe_options
+from ..config_views import InitializerRangeView, MoeLayersView
 
 MODALITIES = ("image", "video", "speech", "audio")
 """The media Uni-MoE reads besides text, each with its own placeholder token."""
 
 
-class UniMoeConfig(PreTrainedConfig, MoeOptions):
+class UniMoeConfig(InitializerRangeView, MoeLayersView, PreTrainedConfig, MoeOptions):
     r"""Config of [`UniMoeForConditionalGeneration`]: a decoder LLM with MoE FFNs plus up to four media encoders.
 
     Sub-configs (each encoder is optional: ``None`` leaves that modality out of the model):
@@ -127,15 +128,6 @@ class UniMoeConfig(PreTrainedConfig, MoeOptions):
                 "`modality_l1_loss_coef` > 0 needs the experts each modality should use: set "
                 "`image_expert_indices`, `video_expert_indices` and/or `audio_expert_indices`."
             )
-
-    @property
-    def moe_layer_indices(self) -> list[int]:
-        """The language-model layers that hold an MoE block (empty for a dense model, ``moe_layers="none"``)."""
-        return resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
-
-    @property
-    def initializer_range(self) -> float:
-        return getattr(self.text_config, "initializer_range", 0.02)
 
     def placeholder_token_ids(self) -> dict[str, int]:
         """``{modality: placeholder id}`` for the four media, in :data:`MODALITIES` order."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ...core.options import MoeOptions, resolve_moe_layers, validate_moe_options
+from ...core.options import MoeOptions, validate_moe_options
+from ..config_views import DecoderShapeView, MoeLayersView
 
 
-class UpcycledMoeConfig(PreTrainedConfig, MoeOptions):
+class UpcycledMoeConfig(DecoderShapeView, MoeLayersView, PreTrainedConfig, MoeOptions):
     r"""Config of [`UpcycledMoeForCausalLM`]: any dense HF decoder (``text_config``) whose FFNs in ``moe_layers``
     became MoE blocks.
 
@@ -38,27 +39,6 @@ class UpcycledMoeConfig(PreTrainedConfig, MoeOptions):
         # The backbone decides tying; the top-level flag is what transformers' tying logic reads.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         validate_moe_options(self, self.text_config.num_hidden_layers)
-
-    @property
-    def moe_layer_indices(self) -> list[int]:
-        """The decoder layers that hold an MoE block."""
-        return resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.text_config.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text_config.hidden_size
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.text_config.num_hidden_layers
-
-    @property
-    def initializer_range(self) -> float:
-        return getattr(self.text_config, "initializer_range", 0.02)
 
 
 __all__ = ["UpcycledMoeConfig"]
