@@ -28,7 +28,6 @@ assistant answers and the EOS that ends them.
 from __future__ import annotations
 
 import json
-import wave
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..speech_assets import load_waveform
 from .stage_utils import IGNORE_INDEX, chat_segments, pad_right
 
 MEDIA_TYPES = ("image", "video", "speech", "audio")
@@ -54,41 +54,17 @@ MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_
 _ITEM_NAMES = {"images": "'image'", "videos": "'video'", "audios": "'speech'/'audio'"}
 _ROLES = ("system", "user", "assistant")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_SAMPLE_RATE = 16_000
 
 
 # --- loading media ---------------------------------------------------------------------------------------------------
 
 
-def _read_wav_with_stdlib(path: Path) -> np.ndarray:
-    """16 kHz PCM WAV (8/16/32-bit integer, any channel count) as float32 mono in [-1, 1], with Python's ``wave``."""
-    with wave.open(str(path), "rb") as file:
-        rate, channels, width = file.getframerate(), file.getnchannels(), file.getsampwidth()
-        raw = file.readframes(file.getnframes())
-    if rate != _SAMPLE_RATE:
-        raise ValueError(f"{path} is sampled at {rate} Hz; Whisper's feature extractor needs {_SAMPLE_RATE} Hz.")
-    if width == 1:
-        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width in (2, 4):
-        samples = np.frombuffer(raw, dtype=f"<i{width}").astype(np.float32) / float(1 << (8 * width - 1))
-    else:
-        raise ValueError(f"{path} has {8 * width}-bit samples; expected 8, 16 or 32-bit integer PCM.")
-    return samples.reshape(-1, channels).mean(axis=1).astype(np.float32)
-
-
 def load_audio(path: str | Path) -> np.ndarray:
-    """An audio file as float32 mono at 16 kHz (what Whisper's feature extractor takes).
-
-    Uses :func:`moe_zoo.speech_assets.load_waveform` (any WAV encoding, resampling) when that module is there,
-    else Python's ``wave`` (16 kHz integer PCM only).
-    """
+    """An audio file as float32 mono at 16 kHz (what Whisper's feature extractor takes), through
+    :func:`moe_zoo.speech_assets.load_waveform` (any WAV encoding, resampled)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} does not exist.")
-    try:
-        from ..speech_assets import load_waveform
-    except ImportError:
-        return _read_wav_with_stdlib(path)
     return np.asarray(load_waveform(path), dtype=np.float32)
 
 
