@@ -381,3 +381,36 @@ def test_eager_and_sdpa_attention_agree_and_bf16_keeps_the_router_in_fp32(tmp_pa
     with torch.no_grad():
         decision = half.route(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()})
     assert decision.probabilities.dtype == torch.float32 and decision.indices.shape == (2,)
+
+
+def test_peft_lora_on_the_branches_trains_and_its_adapter_reloads_with_the_same_decisions(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    _, metis = _pair("text", router_layer=2)
+    metis.save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "down_proj"], modules_to_save=["router"])
+    peft = get_peft_model(metis, config)
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert any(".branches.thinking.gate_proj.lora_A" in n for n in trainable)
+    assert any(".branches.non_thinking.gate_proj.lora_A" in n for n in trainable)
+    assert any("router" in n and "modules_to_save" in n for n in trainable)
+    ids = _inputs("text", batch=2)["input_ids"]
+    labels = ids.clone()
+    labels[:, :3] = -100
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    peft.train()
+    for _ in range(3):
+        out = peft(input_ids=ids, labels=labels, branch_labels=torch.tensor([0, 1]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    peft.eval()
+    peft.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    loaded.eval()
+    with torch.no_grad():
+        before, after = peft(input_ids=ids), loaded(input_ids=ids)
+    assert torch.allclose(before.logits, after.logits, atol=1e-6)
+    assert torch.equal(before.branch, after.branch) and torch.allclose(before.branch_logits, after.branch_logits)
+    generated = loaded.generate(input_ids=ids, branch="thinking", max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, ids.shape[1] + 3)
