@@ -274,15 +274,10 @@ class MetisHomeForConditionalGeneration(MetisHomePreTrainedModel, GenerationMixi
         """``branch`` as a ``(batch_size,)`` tensor of branch indices; a ``ValueError`` for a branch the model does
         not have."""
         if isinstance(branch, torch.Tensor):
-            rows = branch.reshape(-1).long()
-            bad = [i for i in rows.unique().tolist() if not 0 <= i < len(self.branch_names)]
-            if bad:
-                raise ValueError(
-                    f"This model has branches 0..{len(self.branch_names) - 1} ({self.branch_names}); got {bad}."
-                )
+            choices = branch.reshape(-1).tolist()
         else:
             choices = [branch] if isinstance(branch, str | int) else list(branch)
-            rows = torch.tensor([self._branch_index(c) for c in choices], dtype=torch.long)
+        rows = torch.tensor([self._branch_index(c) for c in choices], dtype=torch.long)
         if rows.numel() == 1:
             rows = rows.expand(batch_size)
         if rows.numel() != batch_size:
