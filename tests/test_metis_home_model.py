@@ -152,6 +152,10 @@ def test_a_mixed_batch_runs_each_row_on_its_branch(base):
         with torch.no_grad():
             expected = metis(**alone, branch=branch).logits
         assert torch.allclose(mixed.logits[i : i + 1], expected, atol=1e-5)
+    if base == "moe_llava":
+        with torch.no_grad(), collect_routing() as routed:  # the router's partial pass reports no routing
+            metis(**inputs, output_router_logits=True)
+        assert len(routed) == len(routing)
     if base == "moe_llava":  # the two branches' routing is merged back into one record per layer, in token order
         tokens = inputs["input_ids"].numel()
         moe_layers = len(metis.model.moe_blocks()) // 2  # each MoE layer has one block per branch

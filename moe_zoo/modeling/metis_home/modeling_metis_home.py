@@ -36,6 +36,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
+from ...core.recording import collect_routing
 from ...core.upcycle import find_decoder_layers
 from ..moe_backbone import AtomicSaveMixin
 from .branches import BranchedFFN, BranchSelection, branch_restoring_context_fn
@@ -316,7 +317,8 @@ class MetisHomeForConditionalGeneration(MetisHomePreTrainedModel, GenerationMixi
         prefix = torch.full((shape[0],), self.config.branch_index(self.config.router_prefix_branch), dtype=torch.long)
         handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            with torch.no_grad(), self.selection.selected(prefix):
+            # the partial pass's MoE routing (MoE bases) is not the query's: keep it from any enclosing collector
+            with torch.no_grad(), self.selection.selected(prefix), collect_routing(propagate=False):
                 self.model(**inputs, use_cache=False)
         except _RouterInputReady:
             pass
