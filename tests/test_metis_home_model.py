@@ -418,3 +418,13 @@ def test_peft_lora_on_the_branches_trains_and_its_adapter_reloads_with_the_same_
     assert torch.equal(before.branch, after.branch) and torch.allclose(before.branch_logits, after.branch_logits)
     generated = loaded.generate(input_ids=ids, branch="thinking", max_new_tokens=3, do_sample=False)
     assert generated.shape == (2, ids.shape[1] + 3)
+
+
+def test_device_map_auto_keeps_each_decoder_layer_whole(tmp_path):
+    _, metis = _pair("qwen2_5_vl")
+    metis.save_pretrained(tmp_path)
+    assert "Qwen2_5_VLDecoderLayer" in metis._no_split_modules  # the wrapped model's, so big models shard cleanly
+    placed = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto").eval()
+    inputs = _inputs("qwen2_5_vl")
+    with torch.no_grad():
+        assert torch.equal(placed(**inputs).logits, metis(**inputs).logits)
