@@ -205,3 +205,30 @@ def test_run_refuses_data_with_broken_think_tags_before_training(tiny, tmp_path)
     with pytest.raises(MalformedThinkTagsError, match="sample 1 .*must have an empty think block"):
         run(MetisHomeArguments(model_path=str(tiny), data_path=str(data)), _args(output_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o" / "sft").exists()
+
+
+def test_a_resumed_run_skips_a_finished_rl_stage_and_continues_sft(tiny, tmp_path, monkeypatch):
+    import moe_zoo.training.metis_home as pipeline
+
+    args = MetisHomeArguments(
+        model_path=str(tiny), max_length=256, router_layer=1, rl_steps=1, rl_num_generations=2,
+        rl_max_completion_length=4,
+    )  # fmt: skip
+    first = _args(output_dir=str(tmp_path), max_steps=2, save_strategy="steps", save_steps=2)
+    results, _ = run(args, first)
+    assert results["sft_steps"] == 2 and (tmp_path / "rl" / "model" / "config.json").is_file()
+    first_log = results["log_history"]
+
+    def refuse(*_, **__):
+        raise AssertionError("the finished RL stage ran again")
+
+    monkeypatch.setattr(pipeline, "run_rl_stage", refuse)
+    more = _args(
+        output_dir=str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2, resume_from_checkpoint="true"
+    )
+    results, _ = run(args, more)
+    assert results["sft_steps"] == 4
+    # SFT went on from the step-2 checkpoint: its first two log entries are the first run's, restored
+    assert [entry["step"] for entry in results["log_history"]] == [1, 2, 3, 4]
+    assert results["log_history"][:2] == first_log
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "metis_home").config.model_type == "metis_home"

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..atomic_io import atomic_write_text
+from ..atomic_io import atomic_directory, atomic_write_text
 from ..modeling.metis_home import MetisHomeForConditionalGeneration, expand_to_metis_home
 from ..modeling.metis_home.configuration_metis_home import THINKING
 from ..modeling.metis_home.think_format import MalformedThinkTagsError, follows_format, parse_response
@@ -42,7 +42,7 @@ from .metis_home_data import (
     prompt_batch,
     validate_examples,
 )
-from .stage_utils import resume_point, with_stage_defaults
+from .stage_utils import resume_point, wants_resume, with_stage_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +275,25 @@ def load_data(
     return split_heldout(examples, every=args.heldout_every)
 
 
+def _rl_trained(
+    dense: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[BranchedExample],
+    args: MetisHomeArguments,
+    training_args: TrainingArguments,
+) -> PreTrainedModel:
+    """The dense model after Stage-RL, saved to ``output_dir/rl/model``; a resumed run whose RL stage finished
+    reloads that model instead of running the stage again."""
+    saved = Path(training_args.output_dir) / "rl" / "model"
+    if wants_resume(training_args.resume_from_checkpoint) is not False and (saved / "config.json").is_file():
+        logger.warning("Stage-RL already finished in %s; resuming from its model.", saved)
+        return type(dense).from_pretrained(saved, dtype=torch.float32)
+    trained = run_rl_stage(dense, tokenizer, examples, args, training_args).model
+    with atomic_directory(saved) as folder:
+        trained.save_pretrained(folder)
+    return trained
+
+
 def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dict, MetisHomeForConditionalGeneration]:
     """RL (optional) -> expansion -> SFT -> routing evaluation; writes ``output_dir/metis_home`` (the model and
     tokenizer) and ``output_dir/results.json``, and returns the results and the trained model."""
@@ -286,14 +305,14 @@ def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dic
     collator = MetisHomeCollator(tokenizer, ["non_thinking", "thinking"], args.max_length)
     train, heldout = load_data(args, collator)
     if args.rl_steps > 0:
-        dense = run_rl_stage(dense, tokenizer, [e for e in train if e.branch == THINKING], args, training_args).model
+        dense = _rl_trained(dense, tokenizer, [e for e in train if e.branch == THINKING], args, training_args)
     torch.manual_seed(args.router_seed)
     metis = expand_to_metis_home(dense, **options)
     before = evaluate_routing(metis, tokenizer, heldout, args.eval_batch_size)
     trainer = run_sft_stage(metis, tokenizer, train, args, training_args)
-    final_dir = output_dir / "metis_home"
-    metis.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    with atomic_directory(output_dir / "metis_home") as folder:
+        metis.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     results = {
         "train_samples": len(train),
         "heldout_samples": len(heldout),
