@@ -1,4 +1,5 @@
-"""The benchmark suite in one run: the MoE block, decoding, the MixLoRA layer and a MoE-LLaVA training step.
+"""The benchmark suite in one run: the MoE block, decoding, the MixLoRA layer, a MoE-LLaVA training step and
+Metis-HOME next to its dense model.
 
 Runs each benchmark script's ``main`` with its defaults (the shapes of issue 5; see each script), writes their JSON
 next to one summary, ``benchmarks/results/suite_cpu.json``, and prints the ratios the targets are stated in. About
@@ -15,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import bench_decode
+import bench_metis_home
 import bench_mixlora
 import bench_moe_block
 import bench_training_step
@@ -25,6 +27,7 @@ PARTS = {
     "decode": bench_decode,
     "mixlora": bench_mixlora,
     "training_step": bench_training_step,
+    "metis_home": bench_metis_home,
 }
 
 
@@ -35,6 +38,7 @@ def summary(reports: dict) -> dict:
     decode = reports["decode"]["results"]
     mixlora = reports["mixlora"]["results"]["moe_zoo_fused"]
     step = reports["training_step"]["results"]
+    metis = reports["metis_home"]["results"]
     return {
         "block_forward_vs_dense_floor": ours["forward_vs_dense_floor"],
         "block_forward_backward_vs_dense_floor": ours["forward_backward_vs_dense_floor"],
@@ -47,6 +51,10 @@ def summary(reports: dict) -> dict:
         "mixlora_package_over_fused": reports["mixlora"]["fused_speedup"].get("forward_backward_package_over_fused"),
         "training_step_vs_dense": step["moe_llava[moe_zoo]"]["vs_dense"],
         "training_step_grouped_mm_vs_dense": step["moe_llava[grouped_mm]"]["vs_dense"],
+        "metis_home_forward_forced_branch_vs_dense": metis["metis_home[forced branch]"]["forward_vs_dense"],
+        "metis_home_decode_forced_branch_vs_dense": metis["metis_home[forced branch]"]["decode_per_token_vs_dense"],
+        "metis_home_forward_routed_vs_dense": metis["metis_home[routed]"]["forward_vs_dense"],
+        "metis_home_training_step_vs_dense": metis["metis_home[routed]"]["train_step_vs_dense"],
     }
 
 

@@ -56,7 +56,7 @@ def test_the_suite_runs_every_part_and_summarises_the_targets(tmp_path):
 
     result = run_suite.main(["--quick", "--output-dir", str(tmp_path)])
     assert json.loads((tmp_path / "suite_cpu.json").read_text()) == result
-    for name in ("moe_block", "decode", "mixlora", "training_step"):
+    for name in ("moe_block", "decode", "mixlora", "training_step", "metis_home"):
         part = json.loads((tmp_path / f"suite_{name}.json").read_text())
         assert part["allocator"] == result["allocator"] == "default", name  # every part records its own
     summary = result["summary"]
@@ -70,3 +70,7 @@ def test_the_suite_runs_every_part_and_summarises_the_targets(tmp_path):
     step = json.loads((tmp_path / "suite_training_step.json").read_text())["results"]
     dense, moe = step["dense_same_active_parameters"], step["moe_llava[moe_zoo]"]
     assert moe["parameters"] > dense["parameters"], "the MoE holds more parameters than the dense model it matches"
+    metis = json.loads((tmp_path / "suite_metis_home.json").read_text())
+    assert metis["parameters"]["metis_home"] > metis["parameters"]["dense"]  # one FFN per branch
+    assert metis["results"]["dense"]["forward_vs_dense"] == 1.0
+    assert len(metis["routed_branches"]) == metis["shape"]["batch"]
