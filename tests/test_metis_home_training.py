@@ -232,3 +232,16 @@ def test_a_resumed_run_skips_a_finished_rl_stage_and_continues_sft(tiny, tmp_pat
     assert [entry["step"] for entry in results["log_history"]] == [1, 2, 3, 4]
     assert results["log_history"][:2] == first_log
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "metis_home").config.model_type == "metis_home"
+
+
+def test_the_text_generation_pipeline_runs_on_the_routed_branch(tiny, tokenizer):
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    metis = moe_zoo.expand_to_metis_home(AutoModelForCausalLM.from_pretrained(tiny), router_layer=1).eval()
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    generated = pipeline("text-generation", model=metis, tokenizer=tokenizer)(chat, max_new_tokens=5, do_sample=False)
+    answer = generated[0]["generated_text"][-1]["content"]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = metis.generate(**inputs, max_new_tokens=5, do_sample=False)  # routed, as the pipeline's call
+    assert answer == tokenizer.decode(expected[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
