@@ -6,14 +6,8 @@ transformers has no entry-point discovery, so importing the package is what make
 
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoModelForMultimodalLM,
-    AutoProcessor,
-)
+import transformers
+from transformers import AutoConfig, AutoProcessor, PreTrainedConfig, PreTrainedModel
 
 from .core.fused_experts import register_experts_implementation
 from .modeling.metis_home import MetisHomeConfig, MetisHomeForConditionalGeneration
@@ -21,20 +15,39 @@ from .modeling.moe_llava import MoeLlavaConfig, MoeLlavaForConditionalGeneration
 from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration, UniMoeModel, UniMoeProcessor
 from .modeling.upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
+AUTO_MODEL_CLASSES: dict[type[PreTrainedConfig], dict[str, type[PreTrainedModel]]] = {
+    UpcycledMoeConfig: {"AutoModelForCausalLM": UpcycledMoeForCausalLM},
+    MoeLlavaConfig: {"AutoModel": MoeLlavaModel, "AutoModelForImageTextToText": MoeLlavaForConditionalGeneration},
+    UniMoeConfig: {
+        "AutoModel": UniMoeModel,
+        "AutoModelForMultimodalLM": UniMoeForConditionalGeneration,
+        "AutoModelForImageTextToText": UniMoeForConditionalGeneration,
+    },
+    MetisHomeConfig: {
+        "AutoModelForCausalLM": MetisHomeForConditionalGeneration,
+        "AutoModelForImageTextToText": MetisHomeForConditionalGeneration,
+    },
+}
+"""Each moe_zoo config class and the model class each transformers Auto class maps it to. The one table that
+registration and the remote-code export (:mod:`moe_zoo.publishing.remote_code`) both read."""
+
+PROCESSOR_CLASSES = {MoeLlavaConfig: MoeLlavaProcessor, UniMoeConfig: UniMoeProcessor}
+
+
+def auto_classes_for(config_class: type[PreTrainedConfig]) -> dict[str, type[PreTrainedModel]]:
+    """The Auto class name -> model class map of a moe_zoo config class."""
+    try:
+        return AUTO_MODEL_CLASSES[config_class]
+    except KeyError:
+        raise ValueError(f"{config_class.__name__} is not a moe_zoo config class") from None
+
 
 def register_auto_classes() -> None:
     register_experts_implementation()  # first: the models' default experts implementation
-    AutoConfig.register(UpcycledMoeConfig.model_type, UpcycledMoeConfig, exist_ok=True)
-    AutoModelForCausalLM.register(UpcycledMoeConfig, UpcycledMoeForCausalLM, exist_ok=True)
-    AutoConfig.register(MoeLlavaConfig.model_type, MoeLlavaConfig, exist_ok=True)
-    AutoModel.register(MoeLlavaConfig, MoeLlavaModel, exist_ok=True)
-    AutoModelForImageTextToText.register(MoeLlavaConfig, MoeLlavaForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(MoeLlavaConfig, MoeLlavaProcessor, exist_ok=True)
-    AutoConfig.register(UniMoeConfig.model_type, UniMoeConfig, exist_ok=True)
-    AutoModel.register(UniMoeConfig, UniMoeModel, exist_ok=True)
-    AutoModelForMultimodalLM.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
-    AutoModelForImageTextToText.register(UniMoeConfig, UniMoeForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(UniMoeConfig, UniMoeProcessor, exist_ok=True)
-    AutoConfig.register(MetisHomeConfig.model_type, MetisHomeConfig, exist_ok=True)
-    AutoModelForCausalLM.register(MetisHomeConfig, MetisHomeForConditionalGeneration, exist_ok=True)
-    AutoModelForImageTextToText.register(MetisHomeConfig, MetisHomeForConditionalGeneration, exist_ok=True)
+    for config_class, auto_classes in AUTO_MODEL_CLASSES.items():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for auto_name, model_class in auto_classes.items():
+            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+    for config_class, processor_class in PROCESSOR_CLASSES.items():
+        AutoProcessor.register(config_class, processor_class, exist_ok=True)
+        processor_class.register_for_auto_class()  # saved processors carry their code (see publishing)

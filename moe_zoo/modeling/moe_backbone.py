@@ -7,6 +7,8 @@ the helpers here make that work when MoE blocks sit inside it.
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,20 +101,65 @@ def initialize_moe_modules(model: PreTrainedModel) -> None:
             model._initialize_weights(module)
 
 
-class AtomicSaveMixin:
-    """``save_pretrained`` made atomic per file; list it before the ``PreTrainedModel`` base."""
+class PublishingMixin:
+    """Saving and publishing for every moe_zoo model; list it before the ``PreTrainedModel`` base.
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, made atomic per file: an interrupted save never leaves a truncated
-        weight file or a config that describes weights that are not there (see
-        :func:`moe_zoo.atomic_io.save_files_atomically`). Other files in ``save_directory`` are kept."""
-        if kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
+    ``save_pretrained`` is made atomic per file and also writes the model's own code with an ``auto_map`` (so the
+    folder loads with ``trust_remote_code=True`` where moe-zoo is not installed) and a model card; ``push_to_hub``
+    uploads exactly that folder. The publishing code (:mod:`moe_zoo.publishing`) is imported by name only where
+    moe_zoo itself is installed: it is not part of the code a checkpoint carries, and a model loaded from such
+    exported code saves as any transformers remote-code model does.
+    """
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """``PreTrainedModel.save_pretrained``, made atomic per file (an interrupted save never leaves a truncated
+        weight file or a config that describes weights that are not there, see
+        :func:`moe_zoo.atomic_io.save_files_atomically`), plus the exported code and the model card. Other files in
+        ``save_directory`` are kept, a README.md its owner edited among them. With ``push_to_hub=True`` the saved
+        folder is then uploaded (to ``repo_id``, by default the folder's name), as transformers does."""
+        hub_kwargs = {name: kwargs.pop(name) for name in _HUB_ARGUMENTS if name in kwargs}
         parent = super()
-        save_files_atomically(save_directory, lambda folder: parent.save_pretrained(folder, *args, **kwargs))
+        publishing = _publishing_hooks(self) if kwargs.get("is_main_process", True) else None
+
+        def write(folder):
+            if publishing is not None:
+                publishing.export_code(self, folder)
+            parent.save_pretrained(folder, *args, **kwargs)
+            if publishing is not None:
+                publishing.write_card(self, folder, target=save_directory)
+
+        save_files_atomically(save_directory, write)
+        if publishing is not None:
+            publishing.remove_stale_code(save_directory)
+        if push_to_hub and kwargs.get("is_main_process", True):
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            if publishing is None:
+                raise NotImplementedError(
+                    "push_to_hub from exported moe_zoo code: install moe-zoo, or use push_to_hub()"
+                )
+            return publishing.push_folder(self, save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """``PreTrainedModel.push_to_hub``, uploading what :meth:`save_pretrained` writes (code and card included)
+        after checking that it loads back (see :func:`moe_zoo.publishing.hub.push_model`)."""
+        publishing = _publishing_hooks(self)
+        if publishing is None:
+            return super().push_to_hub(repo_id, **kwargs)
+        return publishing.push_model(self, repo_id, **kwargs)
 
 
-class MoeModelMixin(AtomicSaveMixin):
+_HUB_ARGUMENTS = ("repo_id", "commit_message", "commit_description", "private", "revision", "create_pr", "tags")
+
+
+def _publishing_hooks(model) -> Any:
+    """:mod:`moe_zoo.publishing.hooks` where ``model`` is a class of the installed moe_zoo, else None (in exported
+    code, where moe_zoo is absent)."""
+    if not type(model).__module__.startswith("moe_zoo."):
+        return None
+    return importlib.import_module("moe_zoo.publishing.hooks")
+
+
+class MoeModelMixin(PublishingMixin):
     """What every moe_zoo ``PreTrainedModel`` with MoE blocks inside a backbone adds to transformers' behaviour.
 
     List it before the ``PreTrainedModel`` base: ``class XPreTrainedModel(MoeModelMixin, PreTrainedModel)``.
@@ -127,6 +174,9 @@ class MoeModelMixin(AtomicSaveMixin):
         "experts_mask",
     ]
     _can_compile_fullgraph = False  # variable routing (top-p, top-any, capacity) is data-dependent
+    # transformers caches "can this class set its experts implementation" on the class it first asks; a dense parent
+    # (Llava, Llama) asked first would hand its False down to our subclass. None makes each of our classes ask itself.
+    _can_set_experts_implementation_cached_value = None
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """moe_zoo's own experts implementation (:mod:`moe_zoo.core.fused_experts`) unless another is asked for;

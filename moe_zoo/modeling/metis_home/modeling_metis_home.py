@@ -38,7 +38,7 @@ from transformers.utils.generic import can_return_tuple
 
 from ...core.recording import collect_routing
 from ...core.upcycle import find_decoder_layers
-from ..moe_backbone import AtomicSaveMixin
+from ..moe_backbone import PublishingMixin
 from .branches import BranchedFFN, BranchSelection, branch_restoring_context_fn
 from .configuration_metis_home import MetisHomeConfig
 
@@ -177,7 +177,7 @@ def decoder_layers(model: PreTrainedModel, num_layers: int) -> nn.ModuleList:
     return find_decoder_layers(model.get_decoder(), num_layers)
 
 
-class MetisHomePreTrainedModel(AtomicSaveMixin, PreTrainedModel):
+class MetisHomePreTrainedModel(PublishingMixin, PreTrainedModel):
     config_class = MetisHomeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
