@@ -276,6 +276,53 @@ def _run_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_publish(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "publish",
+        help="check a saved model or adapter folder and upload it to the Hub with its code and card",
+        description="Check FOLDER (every weight file, and that the model loads without missing, unexpected or "
+        "mis-shaped weights), stage a copy with what a published checkpoint needs (the model's code and auto_map, so "
+        "it loads with trust_remote_code=True without moe-zoo; the processor's code; a generated model card unless "
+        "the folder has its own), and upload it to REPO_ID in one commit. FOLDER itself is never modified. Set "
+        "HF_TOKEN (or `hf auth login`) first; HF_ENDPOINT selects another Hub.",
+    )
+    parser.add_argument("folder", help="a folder written by save_pretrained (a model or a PEFT adapter)")
+    parser.add_argument("repo_id", help="the Hub repository, e.g. user/my-moe (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    parser.add_argument("--commit-message", default=None, help="the commit message")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--dry-run", action="store_true", help="check and stage only; list what would be uploaded")
+    parser.set_defaults(handler=_run_publish)
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .publishing import publish_folder
+
+    try:
+        result = publish_folder(
+            args.folder,
+            args.repo_id,
+            dry_run=args.dry_run,
+            private=args.private or None,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+        )
+    except HfHubHTTPError as error:  # the Hub refused or failed: the folder is untouched, say so
+        print(
+            f"moe-zoo publish: error: the upload failed, nothing was changed in {args.folder}: {error}", file=sys.stderr
+        )
+        return 1
+    if args.dry_run:
+        print(f"{args.folder} is ready to publish; would upload: {', '.join(result)}")
+    else:
+        print(f"Published {args.folder} to {args.repo_id}: {getattr(result, 'commit_url', result)}")
+    return 0
+
+
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
@@ -362,6 +409,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_upcycle,
     _add_assets,
     _add_convert,
+    _add_publish,
 )
 """Functions that each add one subcommand to the parser."""
 
