@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -166,6 +167,8 @@ def test_script_trains_mixlora_and_budget_matched_lora_and_adapters_reload(tiny_
         for family, loss in runs[name]["heldout_loss"].items():
             assert reloaded_loss[family] == pytest.approx(loss, rel=1e-5), (name, family)
 
+    card = ModelCard.load(out / "mixlora" / "README.md")  # the adapter's own card, not PEFT's blank one
+    assert card.data.library_name == "peft" and "mixlora fine-tuning" in card.text and "moe-zoo" in card.data.tags
     # Resuming a finished comparison keeps both runs as they were.
     _run_script(monkeypatch, [*argv, "--resume_from_checkpoint", "true"])
     assert json.loads((out / "results.json").read_text())["runs"] == runs

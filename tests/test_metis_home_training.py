@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import moe_zoo
@@ -232,6 +233,10 @@ def test_a_resumed_run_skips_a_finished_rl_stage_and_continues_sft(tiny, tmp_pat
     assert [entry["step"] for entry in results["log_history"]] == [1, 2, 3, 4]
     assert results["log_history"][:2] == first_log
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "metis_home").config.model_type == "metis_home"
+    card = ModelCard.load(tmp_path / "metis_home" / "README.md")  # the card lists the stages run and the router's score
+    assert "RL" in card.text and "SFT" in card.text
+    routing = card.data.eval_results[0]
+    assert routing.metric_type == "accuracy" and routing.metric_value == results["heldout_routing"]["router_accuracy"]
 
 
 def test_the_text_generation_pipeline_runs_on_the_routed_branch(tiny, tokenizer):

@@ -120,5 +120,11 @@ def run(args: UpcycleFinetuneArguments, training_args: TrainingArguments) -> Tra
         if resume is None:
             raise ValueError(f"resume_from_checkpoint=true, but {training_args.output_dir} holds no checkpoint.")
     trainer.train(resume_from_checkpoint=resume)
+    model.card_details = {
+        "training_stages": [
+            ("upcycling", "every FFN copied into the experts, routers initialised fresh (function-preserving)"),
+            ("fine-tuning", f"causal-LM loss + router loss on {Path(args.data_file).name}"),
+        ]
+    }
     trainer.save_model()
     return trainer

@@ -41,6 +41,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..atomic_io import atomic_write_text
 from ..peft import MixLoraConfig, SmoraConfig
+from ..publishing import write_model_card
 from .callbacks import SelectionBiasCallback
 from .finetune import load_causal_lm
 from .instruction_mix import TASK_FAMILIES, InstructionExample, instruction_mix, split_heldout
@@ -234,6 +235,9 @@ def train_one(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(resume, run_dir))
     trainer.save_model()
+    if method != "lora" and trainer.is_world_process_zero():  # PEFT writes a blank card; the adapter's own replaces it
+        stage = (f"{method} fine-tuning", f"{trainer.state.global_step} steps on the multi-task instruction mix")
+        write_model_card(run_dir, model, training_stages=[stage])
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     results = {
         "method": method,

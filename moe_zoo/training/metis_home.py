@@ -294,6 +294,24 @@ def _rl_trained(
     return trained
 
 
+def _card_details(args: MetisHomeArguments, routing: dict) -> dict:
+    """What the model card lists: the stages run and the router's held-out accuracy."""
+    stages = (
+        [("RL", f"GRPO on the dense model, {args.rl_steps} steps, verifiable rewards")] if args.rl_steps > 0 else []
+    )
+    stages.append(("SFT", "expanded into thinking / non-thinking branches; LM loss + query-router cross-entropy"))
+    accuracy = {
+        "task_type": "text-classification",
+        "task_name": "branch routing",
+        "dataset_type": "held-out",
+        "dataset_name": "held-out thinking / non-thinking prompts",
+        "metric_type": "accuracy",
+        "metric_name": "router accuracy",
+        "metric_value": routing["router_accuracy"],
+    }
+    return {"training_stages": stages, "eval_results": [accuracy]}
+
+
 def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dict, MetisHomeForConditionalGeneration]:
     """RL (optional) -> expansion -> SFT -> routing evaluation; writes ``output_dir/metis_home`` (the model and
     tokenizer) and ``output_dir/results.json``, and returns the results and the trained model."""
@@ -310,6 +328,8 @@ def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dic
     metis = expand_to_metis_home(dense, **options)
     before = evaluate_routing(metis, tokenizer, heldout, args.eval_batch_size)
     trainer = run_sft_stage(metis, tokenizer, train, args, training_args)
+    after = evaluate_routing(metis, tokenizer, heldout, args.eval_batch_size)
+    metis.card_details = _card_details(args, after)
     with atomic_directory(output_dir / "metis_home") as folder:
         metis.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -321,7 +341,7 @@ def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dic
         "router_layer": metis.config.router_layer_index,
         "router_pooling": metis.config.router_pooling,
         "heldout_routing_at_expansion": before,
-        "heldout_routing": evaluate_routing(metis, tokenizer, heldout, args.eval_batch_size),
+        "heldout_routing": after,
         "log_history": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))

@@ -590,6 +590,13 @@ def stage_training_arguments(
     return with_stage_defaults(training_args, defaults, f"MoE-tuning stage {stage}", output_dir)
 
 
+MOE_TUNING_STAGES = {
+    1: ("MoE-tuning stage I", "the projector learns to map image features into the language model (captions)"),
+    2: ("MoE-tuning stage II", "the dense language model and the projector learn from multimodal instructions"),
+    3: ("MoE-tuning stage III", "upcycled into MoE layers; experts, routers and projector train with the router loss"),
+}
+"""The stages a stage's model card lists: it and the ones before it, whose output it started from."""
+
 STAGE_MARKER = "moe_tuning_stage.json"
 """Written into a stage's output folder once its model and processor are saved."""
 
@@ -621,7 +628,8 @@ def run_stage(
         callbacks=list(callbacks or []),
     )
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # the model and the processor (the Trainer's processing_class)
+    model.card_details = {"training_stages": [MOE_TUNING_STAGES[i] for i in range(1, args.stage + 1)]}
+    trainer.save_model()  # the model, its card and the processor (the Trainer's processing_class)
     if trainer.is_world_process_zero():
         marker = {"stage": args.stage, "global_step": trainer.state.global_step, "arguments": asdict(args)}
         (Path(training_args.output_dir) / STAGE_MARKER).write_text(json.dumps(marker, indent=2))

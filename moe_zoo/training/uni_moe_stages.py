@@ -649,6 +649,7 @@ def _train(
     output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
         marker = {**marker, "stage": stage, "global_step": trainer.state.global_step, "arguments": asdict(args)}
+        final.card_details = {"training_stages": [f"Uni-MoE stage {i}" for i in range(1, stage + 1)]}
         _save_final(final, processor, output_dir, marker)
     return StageRun(stage, trainer, final, processor, output_dir, trainable)
 
