@@ -293,6 +293,9 @@ def _add_publish(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--commit-message", default=None, help="the commit message")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--dry-run", action="store_true", help="check and stage only; list what would be uploaded")
+    parser.add_argument(
+        "--base-model", default=None, help="adapters: a local folder of the base model (default: the one in its config)"
+    )
     parser.set_defaults(handler=_run_publish)
 
 
@@ -306,6 +309,7 @@ def _run_publish(args: argparse.Namespace) -> int:
             args.folder,
             args.repo_id,
             dry_run=args.dry_run,
+            base_model=args.base_model,
             private=args.private or None,
             revision=args.revision,
             commit_message=args.commit_message,

@@ -55,13 +55,14 @@ def test_push_to_hub_then_load_in_fresh_processes_with_and_without_moe_zoo(hub, 
     reference = save_reference(model, inputs, tmp_path / "reference.pt")
     push = "import moe_zoo, transformers\n" + (
         f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'local')!r})\n"
-        "m.push_to_hub('user/tiny-moe', tags=['my-tag'])\n"
+        "m.push_to_hub('user/tiny-moe', tags=['my-tag'], max_shard_size='100KB')\n"
     )
     pushed = _run(push, hub.client_env(tmp_path / "home-push"), tmp_path)
     assert pushed.returncode == 0, pushed.stderr[-3000:]
 
     files = hub.repo_files("user/tiny-moe")
-    assert {"config.json", "model.safetensors", "README.md", "modeling_upcycled_moe.py"} <= set(files)
+    assert {"config.json", "model.safetensors.index.json", "README.md", "modeling_upcycled_moe.py"} <= set(files)
+    assert len([name for name in files if name.startswith("model-0000")]) > 1  # sharded, as asked
     assert json.loads(files["config.json"])["auto_map"]["AutoModelForCausalLM"].startswith("modeling_upcycled_moe.")
     card = files["README.md"].decode()
     assert is_generated_card(card) and "my-tag" in card and "moe-zoo" in card
@@ -74,7 +75,7 @@ def test_push_to_hub_then_load_in_fresh_processes_with_and_without_moe_zoo(hub, 
         result = results["user/tiny-moe"]
         assert result["equal"], result
         assert result["module"].startswith("transformers_modules." if hidden else "moe_zoo.")
-        assert any(home.rglob("model.safetensors")), "the weights came from the server into the fresh cache"
+        assert any(home.rglob("model-00001-of-*.safetensors")), "the weights came from the server into the fresh cache"
 
 
 def test_moe_zoo_publish_uploads_a_moe_llava_folder_with_its_processor(hub, tmp_path):
@@ -163,3 +164,57 @@ def test_dry_run_lists_what_would_be_uploaded(tmp_path, capsys):
     listed = capsys.readouterr().out
     assert "README.md" in listed and "modeling_upcycled_moe.py" in listed  # the card is regenerated in the stage
     assert not (tmp_path / "local" / "README.md").exists()
+
+
+def test_a_mixlora_adapter_is_published_with_its_own_card_and_reloads(hub, tmp_path):
+    from peft import get_peft_model
+
+    from tests.peft.peft_test_models import batch, mixlora, randomize_lora_b, tiny_causal_lm
+
+    base = tiny_causal_lm()
+    base.save_pretrained(tmp_path / "base")
+    adapter = get_peft_model(base, mixlora())
+    randomize_lora_b(adapter)
+    adapter.save_pretrained(tmp_path / "adapter")  # PEFT's blank card, base_model_name_or_path unset
+    inputs = batch()
+    reference = save_reference(adapter, inputs, tmp_path / "reference.pt")
+    publish = (
+        "from moe_zoo.cli import main\n"
+        f"raise SystemExit(main(['publish', {str(tmp_path / 'adapter')!r}, 'user/adapter',"
+        f" '--base-model', {str(tmp_path / 'base')!r}]))"
+    )
+    completed = _run(publish, hub.client_env(tmp_path / "home"), tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    files = hub.repo_files("user/adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    card = files["README.md"].decode()
+    assert is_generated_card(card) and "library_name: peft" in card and "MixLoRA" in card
+
+    load = (
+        "import json, sys, torch, moe_zoo\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+        f"base = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})\n"
+        "model = PeftModel.from_pretrained(base, 'user/adapter').eval()\n"
+        f"reference = torch.load({str(reference)!r})\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(torch.equal(model(**reference['inputs']).logits, reference['logits'])))\n"
+    )
+    loaded = _run(load, hub.client_env(tmp_path / "home-load"), tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) is True
+
+
+def test_an_adapter_that_does_not_match_its_config_is_refused(tmp_path, capsys):
+    from peft import get_peft_model
+
+    from moe_zoo.cli import main
+    from tests.peft.peft_test_models import mixlora, tiny_causal_lm
+
+    base = tiny_causal_lm()
+    base.save_pretrained(tmp_path / "base")
+    get_peft_model(base, mixlora()).save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = next(name for name in tensors if "experts" in name or "moe_gate" in name or "router" in name)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
+    code = main(["publish", str(tmp_path / "adapter"), "user/x", "--dry-run", "--base-model", str(tmp_path / "base")])
+    assert code == 1 and "does not match its config" in capsys.readouterr().err

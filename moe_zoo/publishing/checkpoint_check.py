@@ -90,3 +90,28 @@ def load_checked(folder: str | os.PathLike):
         details = "; ".join(f"{kind.replace('_', ' ')}: {keys[:5]}" for kind, keys in problems.items())
         raise CheckpointError(f"{folder} does not load cleanly ({details}); refusing to publish it")
     return model
+
+
+def load_checked_adapter(folder: str | os.PathLike, base_model: str | os.PathLike | None = None):
+    """Load the PEFT adapter in ``folder`` onto its base model (``base_model``, or the local folder its
+    ``adapter_config.json`` names) and refuse an adapter whose weights do not match the modules the config
+    creates. Returns the ``PeftModel``, or None where no local base model is available (only the weight files are
+    checked then)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    base = base_model or _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        return None
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+    expected = {_without_adapter_name(key) for key in get_peft_model_state_dict(model)}
+    stored = {_without_adapter_name(key) for key in _check_safetensors(folder / ADAPTER_WEIGHTS)}
+    if expected != stored:
+        details = f"missing keys: {sorted(expected - stored)[:5]}; unexpected keys: {sorted(stored - expected)[:5]}"
+        raise CheckpointError(f"the adapter in {folder} does not match its config on {base} ({details})")
+    return model
+
+
+def _without_adapter_name(key: str) -> str:
+    return key.replace(".default.", ".")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..atomic_io import atomic_write_text
 from .hub import push_folder, push_model
-from .model_card import is_generated_card, write_model_card
+from .model_card import is_replaceable_card, write_model_card
 from .remote_code import export_remote_code, is_exportable
 from .remote_code import remove_stale_code as _remove_stale_code
 
@@ -40,7 +40,7 @@ def write_card(model, folder: str | os.PathLike, *, target: str | os.PathLike) -
     its owner wrote. Details a training pipeline knows (stages, datasets, eval results) come from
     ``model.card_details``, a dict of :func:`moe_zoo.publishing.build_model_card` keyword arguments."""
     existing = Path(target) / README
-    if existing.is_file() and not is_generated_card(existing.read_text(encoding="utf-8", errors="replace")):
+    if existing.is_file() and not is_replaceable_card(existing.read_text(encoding="utf-8", errors="replace")):
         return
     details = dict(getattr(model, "card_details", None) or {})
     tags = list(details.pop("tags", []) or []) + list(getattr(model, "model_tags", None) or [])

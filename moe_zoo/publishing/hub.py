@@ -21,8 +21,8 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
 from ..atomic_io import atomic_write_text
-from .checkpoint_check import CheckpointError, check_weight_files, load_checked
-from .model_card import is_generated_card
+from .checkpoint_check import CheckpointError, check_weight_files, load_checked, load_checked_adapter
+from .model_card import is_generated_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -110,23 +110,33 @@ def push_folder(model, folder: str | os.PathLike, repo_id: str, **kwargs):
 
 
 def prepare_for_publishing(
-    folder: str | os.PathLike, stage: str | os.PathLike, *, load_check: bool = True
+    folder: str | os.PathLike,
+    stage: str | os.PathLike,
+    *,
+    load_check: bool = True,
+    base_model: str | os.PathLike | None = None,
 ) -> list[str]:
     """Stage ``folder`` into ``stage`` with what a published checkpoint needs, after checking it.
 
     Checks every weight file (and, with ``load_check``, that the model loads without missing, unexpected or
     mis-shaped weights), then adds the model's code and ``auto_map`` (moe_zoo models), the processor's code, and a
-    generated model card where the folder has no card of its own. Returns the staged file names.
+    generated model card where the folder has no card of its own. A PEFT adapter (MixLoRA, SMoRA) is loaded onto
+    its base model (``base_model``, or the local folder its config names) and must match it key for key; its card
+    is generated from that. Returns the staged file names.
     """
     folder, stage = Path(folder), Path(stage)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; pass the folder a model was saved into")
     check_weight_files(folder)
     _stage_copy(folder, stage)
+    from . import hooks  # imported here: hooks imports this module
+
     if (folder / "adapter_config.json").is_file():
+        adapter = load_checked_adapter(folder, base_model) if load_check else None
+        if adapter is not None:
+            write_model_card(stage, adapter)  # replaces PEFT's blank card, keeps one the owner wrote
         return sorted(path.name for path in stage.iterdir())
     model = load_checked(folder) if load_check else None
-    from . import hooks
 
     if model is not None and hooks.publishing_applies(model):
         config_path = stage / "config.json"
@@ -138,13 +148,20 @@ def prepare_for_publishing(
     return sorted(path.name for path in stage.iterdir())
 
 
-def publish_folder(folder: str | os.PathLike, repo_id: str, *, dry_run: bool = False, **kwargs) -> Any:
+def publish_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    dry_run: bool = False,
+    base_model: str | os.PathLike | None = None,
+    **kwargs,
+) -> Any:
     """``moe-zoo publish FOLDER REPO_ID``: check and stage ``folder`` (see :func:`prepare_for_publishing`), then
     upload the staged copy in one commit. With ``dry_run`` nothing is uploaded; returns the staged file names."""
     with tempfile.TemporaryDirectory(prefix="moe-zoo-publish-") as tmp:
         stage = Path(tmp) / "stage"
         stage.mkdir()
-        names = prepare_for_publishing(folder, stage)
+        names = prepare_for_publishing(folder, stage, base_model=base_model)
         if dry_run:
             return names
         return upload_staged(stage, repo_id, **kwargs)

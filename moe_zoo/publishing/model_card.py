@@ -17,7 +17,6 @@ import functools
 import importlib.resources
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -30,6 +29,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedConfig
 
+from ..atomic_io import atomic_write_text
 from ..core.block import SparseMoeBlock
 from ..core.options import resolve_moe_layers
 from ..peft.mixlora import MixLoraConfig
@@ -312,18 +312,7 @@ def write_model_card(folder: str | os.PathLike, model: nn.Module, **kwargs: Any)
     readme = folder / "README.md"
     if readme.is_file() and not is_replaceable_card(readme.read_text(encoding="utf-8", errors="replace")):
         return readme
-    text = str(build_model_card(model, **kwargs))
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".README.md.tmp-")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's files are private; a model card is not
-        os.replace(tmp, readme)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return readme
+    return atomic_write_text(readme, str(build_model_card(model, **kwargs)))
 
 
 # --- metadata ---------------------------------------------------------------------------------------------------
