@@ -218,3 +218,18 @@ def test_an_adapter_that_does_not_match_its_config_is_refused(tmp_path, capsys):
     save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
     code = main(["publish", str(tmp_path / "adapter"), "user/x", "--dry-run", "--base-model", str(tmp_path / "base")])
     assert code == 1 and "does not match its config" in capsys.readouterr().err
+
+
+def test_a_push_keeps_a_card_the_repo_owner_wrote(hub, tmp_path):
+    model, _ = _upcycled()
+    model.save_pretrained(tmp_path / "local")
+    script = (
+        "from huggingface_hub import HfApi\nfrom moe_zoo.cli import main\n"
+        "api = HfApi()\napi.create_repo('user/owned')\n"
+        "api.upload_file(path_or_fileobj=b'# My own card\\n', path_in_repo='README.md', repo_id='user/owned')\n"
+        f"raise SystemExit(main(['publish', {str(tmp_path / 'local')!r}, 'user/owned']))\n"
+    )
+    completed = _run(script, hub.client_env(tmp_path / "home"), tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    files = hub.repo_files("user/owned")
+    assert files["README.md"] == b"# My own card\n" and "model.safetensors" in files
