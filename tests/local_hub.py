@@ -48,6 +48,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     for m, p, h in [
         ("GET", r"/api/whoami-v2", "whoami"),
         ("GET", r"/api/agent-harnesses", "agent_harnesses"),
+        ("GET", r"/api/organizations/(?P<organization>[^/]+)/overview", "organization_overview"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("POST", r"/api/repos/create", "create_repo"),
         ("GET", rf"/api/{_T}/{_R}(?:/revision/{_REV})?", "repo_info"),
@@ -61,6 +62,10 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET HEAD", rf"/{_P}{_R}/resolve/{_REV}/(?P<path>.+)", "resolve"),
     ]
 ]
+AMBIENT_ROUTES = {"organization_overview"}
+"""Requests made by any client process whatever it does, left out of ``LocalHub.requests``: importing bitsandbytes
+(which peft, and so moe_zoo, imports) on a CPU with AVX512-BF16 asks the ``kernels`` package (a requirement of
+transformers >= 5.25) for a Hub kernel, and kernels first checks its publisher's trust status."""
 
 
 class HubError(Exception):
@@ -106,7 +111,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class LocalHub:
     """The state of a running server: its storage, the request log and the failure knobs.
 
-    ``requests`` lists ``(method, path)`` for every request (path without the query string, as sent), and
+    ``requests`` lists ``(method, path)`` for every request (path without the query string, as sent; the
+    :data:`AMBIENT_ROUTES` that any process makes on import are left out), and
     ``unknown_requests`` the ones no route matched (answered 404 and logged), to spot endpoints a new client needs.
     Set ``fail_commits = True`` to make the commit endpoint answer 500 (an interrupted push: LFS uploads still
     succeed, nothing is committed); the client does not retry commits, so it raises at once.
@@ -228,13 +234,15 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         body = self._read_body()  # always drain the body so the kept-alive connection stays in sync
         url = urlsplit(self.path)
-        hub.requests.append((self.command, url.path))
+        route = self._route(url.path)
+        if route is None or route[0] not in AMBIENT_ROUTES:
+            hub.requests.append((self.command, url.path))
         try:
-            for methods, pattern, name in ROUTES:
-                if self.command in methods.split() and (match := pattern.fullmatch(url.path)):
-                    groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-                    getattr(self, f"h_{name}")(groups, body, parse_qs(url.query))
-                    return
+            if route is not None:
+                name, match = route
+                groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                getattr(self, f"h_{name}")(groups, body, parse_qs(url.query))
+                return
             hub.unknown_requests.append((self.command, url.path))
             logger.warning("local hub: unknown request %s %s", self.command, self.path)
             raise HubError(404, f"Unknown endpoint {self.command} {url.path}")
@@ -243,6 +251,13 @@ class _Handler(BaseHTTPRequestHandler):
             if err.code:
                 headers["X-Error-Code"] = err.code
             self._send(err.status, {"error": err.message}, headers)
+
+    def _route(self, path: str) -> tuple[str, re.Match[str]] | None:
+        """The handler name and match of the first route for this method and ``path`` (``None``: unknown)."""
+        for methods, pattern, name in ROUTES:
+            if self.command in methods.split() and (match := pattern.fullmatch(path)):
+                return name, match
+        return None
 
     def _send(self, status: int, payload: Any = None, headers: dict[str, str] | None = None) -> None:
         """Sends bytes as they are and anything else as JSON; always with a Content-Length (keep-alive)."""
@@ -292,6 +307,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def h_agent_harnesses(self, g: dict, body: bytes, query: dict) -> None:
         self._send(200, {"standardEnvVars": [], "harnesses": {}})  # fetched while building the user agent
+
+    def h_organization_overview(self, g: dict, body: bytes, query: dict) -> None:
+        # No organization exists here; the kernels package then falls back to its local path (see AMBIENT_ROUTES).
+        raise HubError(404, f"Organization {g['organization']} not found")
 
     def h_validate_yaml(self, g: dict, body: bytes, query: dict) -> None:
         self._send(200, {"errors": [], "warnings": []})  # create_commit validates README.md metadata first
