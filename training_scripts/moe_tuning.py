@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None):
     else:
         trainers = [run_stage(tuning, training, train, eval_dataset=evaluation)]
         outputs = [(tuning.stage, training.output_dir)]
-    if evaluation:
+    if evaluation and training.process_index == 0:  # under torchrun, the main process evaluates the saved stages
         for stage, folder in outputs:
             conversation = tuning.conversation or ("plain" if stage == 1 else "chat")
             print(f"stage {stage}: exact match {exact_match(folder, evaluation, conversation):.3f} ({folder})")

@@ -21,6 +21,8 @@ from moe_zoo.training.metis_home import MetisHomeArguments, run
 if __name__ == "__main__":
     metis_args, training_args = HfArgumentParser((MetisHomeArguments, TrainingArguments)).parse_args_into_dataclasses()
     results, _ = run(metis_args, training_args)
+    if training_args.process_index != 0:  # under torchrun / accelerate launch every process holds the same results
+        raise SystemExit(0)
     routing = results["heldout_routing"]
     print(f"held-out router accuracy {routing['router_accuracy']:.1%} (majority {routing['majority_baseline']:.1%})")
     for family, stats in routing["by_family"].items():

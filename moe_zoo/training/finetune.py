@@ -20,7 +20,6 @@ from transformers import (
     DataCollatorForLanguageModeling,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainingArguments,
 )
 from transformers.trainer_utils import get_last_checkpoint
@@ -28,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..core.options import parse_moe_layers
 from ..modeling.upcycled_moe import UpcycledMoeForCausalLM, upcycle
 from .callbacks import SelectionBiasCallback
+from .routing_stats import RoutingStatsTrainer
 
 
 @dataclass
@@ -102,11 +102,13 @@ def build_model(args: UpcycleFinetuneArguments) -> tuple[UpcycledMoeForCausalLM,
     return model, tokenizer
 
 
-def run(args: UpcycleFinetuneArguments, training_args: TrainingArguments) -> Trainer:
-    """Upcycle, train (resuming when asked), save the final model and tokenizer into ``output_dir``."""
+def run(args: UpcycleFinetuneArguments, training_args: TrainingArguments) -> RoutingStatsTrainer:
+    """Upcycle, train (resuming when asked), save the final model and tokenizer into ``output_dir``. The trainer
+    is a :class:`RoutingStatsTrainer`: ``aux_loss`` and the expert load in its logs, reduced over processes and the
+    router loss weighted once under ``torchrun`` / ``accelerate launch``."""
     model, tokenizer = build_model(args)
     dataset = load_examples(args.data_file, tokenizer, args.max_length)
-    trainer = Trainer(
+    trainer = RoutingStatsTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,

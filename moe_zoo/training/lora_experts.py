@@ -36,6 +36,7 @@ from transformers import (
     DataCollatorForSeq2Seq,
     PreTrainedTokenizerBase,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -65,7 +66,14 @@ class LoraExpertsArguments:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         metadata={"help": "Comma-separated module names (MixLoRA's template targets all of these)."},
     )
-    r: int = field(default=8, metadata={"help": "LoRA rank of each MixLoRA expert and attention LoRA."})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": "LoRA rank of each MixLoRA expert and attention LoRA (also --lora_r: torchrun's parser takes "
+            "--r for an abbreviation of its own options).",
+            "aliases": ["--lora_r"],
+        },
+    )
     lora_alpha: float = field(default=16.0, metadata={"help": "Plain LoRA keeps lora_alpha / r at the same ratio."})
     lora_dropout: float = 0.05
     num_experts: int = field(default=8, metadata={"help": "MixLoRA: LoRA experts per FFN."})
@@ -221,6 +229,10 @@ def train_one(
         logger.info("%s already finished in %s; keeping its results.", method, run_dir)
         return json.loads(results_file.read_text())
     base, tokenizer = load_causal_lm(args.model_path)
+    # The adapter's fresh weights (routers, LoRA A) come from the global RNG: seeded, a run is reproducible and
+    # every process of a distributed run builds the same model (FSDP shards each process's own copy; nothing
+    # broadcasts rank 0's).
+    set_seed(training_args.seed)
     model = get_peft_model(base, method_config(args, method, lora_rank))
     train_set, heldout_set = data
     run_args = dataclasses.replace(training_args, output_dir=str(run_dir), remove_unused_columns=False)
@@ -254,7 +266,9 @@ def train_one(
     if trainer.expert_counts:
         results["expert_counts"] = {name: counts.tolist() for name, counts in trainer.expert_counts.items()}
         results["run_expert_load_max_ratio"] = max_load_ratio(list(trainer.expert_counts.values()))
-    atomic_write_text(results_file, json.dumps(results, indent=2))
+    if training_args.process_index == 0:  # every process holds the same (global) results; one writes them
+        atomic_write_text(results_file, json.dumps(results, indent=2))
+    trainer.accelerator.wait_for_everyone()  # no process moves on (or resumes) before the files are there
     return results
 
 
@@ -281,8 +295,9 @@ def run(args: LoraExpertsArguments, training_args: TrainingArguments) -> dict:
     if args.compare_with_lora and args.method != "lora":
         rank = matched_lora_rank(method["trainable_parameters"], lora_rank_cost)
         summary["runs"]["lora"] = train_one(args, training_args, "lora", data, lora_rank=rank)
-    atomic_write_text(Path(training_args.output_dir) / "results.json", json.dumps(summary, indent=2))
-    _print_summary(summary)
+    if training_args.process_index == 0:
+        atomic_write_text(Path(training_args.output_dir) / "results.json", json.dumps(summary, indent=2))
+        _print_summary(summary)
     return summary
 
 

@@ -32,6 +32,7 @@ from ..atomic_io import atomic_directory, atomic_write_text
 from ..modeling.metis_home import MetisHomeForConditionalGeneration, expand_to_metis_home
 from ..modeling.metis_home.configuration_metis_home import THINKING
 from ..modeling.metis_home.think_format import MalformedThinkTagsError, follows_format, parse_response
+from .distributed import DistributedTrainer, WindowStats, broadcast_from_main, save_pretrained_once, unsharded_copy
 from .finetune import load_causal_lm
 from .instruction_mix import split_heldout
 from .metis_home_data import (
@@ -152,14 +153,23 @@ def run_rl_stage(
 # ----- Stage-SFT -----
 
 
-class MetisHomeTrainer(Trainer):
+class MetisHomeTrainer(DistributedTrainer):
     """``Trainer`` for Metis-HOME: the router gets its own learning rate, and ``lm_loss`` / ``router_loss`` /
-    ``router_accuracy`` (on the training batches since the last log) are logged next to ``loss``."""
+    ``router_accuracy`` (on the training batches since the last log) are logged next to ``loss``.
+
+    Under ``torchrun`` / ``accelerate launch`` each process sees its own shard of the batch, so the three figures
+    are reduced over processes before they are logged (only when ``torch.distributed`` is initialised): ``lm_loss``
+    weighted by label tokens, ``router_loss`` and ``router_accuracy`` by queries, so each is the value one process
+    with the whole batch would log (``lm_loss`` up to the accumulation-step normalisation, which is also undone
+    here). As a :class:`~moe_zoo.training.distributed.DistributedTrainer` it weighs the router's cross-entropy (a
+    mean over the batch's queries) once whatever the number of processes and accumulation steps."""
+
+    WINDOW_NAMES = ("lm_loss", "router_loss", "router_accuracy")
 
     def __init__(self, *args, router_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_learning_rate = router_learning_rate
-        self._window: dict[str, list[float]] = defaultdict(list)
+        self._window = WindowStats()
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or self.router_learning_rate is None:
@@ -175,21 +185,33 @@ class MetisHomeTrainer(Trainer):
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
+    def batch_mean_loss_term(self, model, inputs, outputs) -> torch.Tensor | None:
+        """``router_loss_coef * branch_loss``: the router's cross-entropy, a mean over this batch's queries."""
+        if getattr(outputs, "branch_loss", None) is None or outputs.get("loss") is None:
+            return None
+        return self.accelerator.unwrap_model(model).config.router_loss_coef * outputs.branch_loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and outputs.branch_loss is not None:
-            self._window["router_loss"].append(float(outputs.branch_loss.detach()))
-            if outputs.lm_loss is not None:
-                self._window["lm_loss"].append(float(outputs.lm_loss.detach()))
+            queries = inputs["branch_labels"].numel()
+            self._window.add("router_loss", float(outputs.branch_loss.detach()) * queries, queries)
+            if outputs.lm_loss is not None and inputs.get("labels") is not None:
+                tokens = int((inputs["labels"][..., 1:] != -100).sum())
+                # With num_items_in_batch the LM loss is this batch's token sum over the whole step's token count;
+                # without it, the mean over this batch's tokens. Either way, recover the sum.
+                normaliser = float(num_items_in_batch) if num_items_in_batch is not None else tokens
+                self._window.add("lm_loss", float(outputs.lm_loss.detach()) * normaliser, tokens)
             hits = outputs.branch_logits.argmax(-1).cpu() == inputs["branch_labels"].cpu()
-            self._window["router_accuracy"].append(hits.float().mean().item())
+            self._window.add("router_accuracy", hits.float().sum().item(), queries)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the window's global means to a training log line (every process logs each line, so the reduction
+        is a collective every process joins)."""
         if "loss" in logs:
-            for name, values in self._window.items():
-                logs[name] = round(sum(values) / len(values), 4)
-            self._window = defaultdict(list)
+            for name, value in self._window.global_means(self.WINDOW_NAMES).items():
+                logs[name] = round(value, 4)
         super().log(logs, *args, **kwargs)
 
 
@@ -288,10 +310,9 @@ def _rl_trained(
     if wants_resume(training_args.resume_from_checkpoint) is not False and (saved / "config.json").is_file():
         logger.warning("Stage-RL already finished in %s; resuming from its model.", saved)
         return type(dense).from_pretrained(saved, dtype=torch.float32)
-    trained = run_rl_stage(dense, tokenizer, examples, args, training_args).model
-    with atomic_directory(saved) as folder:
-        trained.save_pretrained(folder)
-    return trained
+    trainer = run_rl_stage(dense, tokenizer, examples, args, training_args)
+    save_pretrained_once(trainer, saved, trainer.model)
+    return trainer.model
 
 
 def _card_details(args: MetisHomeArguments, routing: dict) -> dict:
@@ -314,7 +335,8 @@ def _card_details(args: MetisHomeArguments, routing: dict) -> dict:
 
 def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dict, MetisHomeForConditionalGeneration]:
     """RL (optional) -> expansion -> SFT -> routing evaluation; writes ``output_dir/metis_home`` (the model and
-    tokenizer) and ``output_dir/results.json``, and returns the results and the trained model."""
+    tokenizer) and ``output_dir/results.json`` (main process only), and returns the results and the trained model
+    (under FSDP: a plain copy on the main process, the sharded model on the others; the results on all)."""
     output_dir = Path(training_args.output_dir)
     dense, tokenizer = load_causal_lm(args.model_path)
     options = dict(
@@ -328,23 +350,32 @@ def run(args: MetisHomeArguments, training_args: TrainingArguments) -> tuple[dic
     metis = expand_to_metis_home(dense, **options)
     before = evaluate_routing(metis, tokenizer, heldout, args.eval_batch_size)
     trainer = run_sft_stage(metis, tokenizer, train, args, training_args)
-    after = evaluate_routing(metis, tokenizer, heldout, args.eval_batch_size)
-    metis.card_details = _card_details(args, after)
-    with atomic_directory(output_dir / "metis_home") as folder:
-        metis.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    results = {
-        "train_samples": len(train),
-        "heldout_samples": len(heldout),
-        "rl_steps": args.rl_steps,
-        "sft_steps": trainer.state.global_step,
-        "router_layer": metis.config.router_layer_index,
-        "router_pooling": metis.config.router_pooling,
-        "heldout_routing_at_expansion": before,
-        "heldout_routing": after,
-        "log_history": [entry for entry in trainer.state.log_history if "loss" in entry],
-    }
-    atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
+    # Under FSDP the router's parameters are shards outside any forward (route() is not forward), and saving needs
+    # the full weights: the main process evaluates and saves a plain copy; the others get its results.
+    trained = unsharded_copy(trainer) if trainer.is_fsdp_enabled else metis
+    results = None
+    if trained is not None:
+        after = evaluate_routing(trained, tokenizer, heldout, args.eval_batch_size)
+        trained.card_details = _card_details(args, after)
+        results = {
+            "train_samples": len(train),
+            "heldout_samples": len(heldout),
+            "rl_steps": args.rl_steps,
+            "sft_steps": trainer.state.global_step,
+            "router_layer": trained.config.router_layer_index,
+            "router_pooling": trained.config.router_pooling,
+            "heldout_routing_at_expansion": before,
+            "heldout_routing": after,
+            "log_history": [entry for entry in trainer.state.log_history if "loss" in entry],
+        }
+    if trainer.is_world_process_zero():  # every process holds the same model and results; one writes them
+        with atomic_directory(output_dir / "metis_home") as folder:
+            trained.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
+    results = broadcast_from_main(results) if trainer.is_fsdp_enabled else results
+    trainer.accelerator.wait_for_everyone()
+    metis = trained if trained is not None else metis
     return results, metis
 
 

@@ -51,6 +51,7 @@ from transformers import (
     set_seed,
 )
 
+from ..atomic_io import atomic_write_text
 from ..core.options import parse_moe_layers
 from ..modeling.moe_llava import (
     MoeLlavaConfig,
@@ -58,6 +59,7 @@ from ..modeling.moe_llava import (
     MoeLlavaProcessor,
     upcycle_moe_llava,
 )
+from .routing_stats import RoutingStatsTrainer
 from .stage_utils import (
     IGNORE_INDEX,
     chat_segments,
@@ -608,9 +610,11 @@ def run_stage(
     eval_dataset: Any = None,
     callbacks: Iterable[TrainerCallback] | None = None,
 ) -> Trainer:
-    """Run one MoE-tuning stage: prepare its model (:func:`prepare_stage_model`), train it with the ``Trainer``
-    (resuming from ``training_args.resume_from_checkpoint`` when set), and save model, processor and
-    :data:`STAGE_MARKER` into ``training_args.output_dir``. ``train_dataset`` holds raw examples for
+    """Run one MoE-tuning stage: prepare its model (:func:`prepare_stage_model`), train it with a
+    :class:`~moe_zoo.training.routing_stats.RoutingStatsTrainer` (the ``Trainer``, plus ``aux_loss`` and
+    ``expert_load_max_ratio`` in stage III's logs, reduced over processes under ``torchrun``), resuming from
+    ``training_args.resume_from_checkpoint`` when set, and save model, processor and :data:`STAGE_MARKER` (with the
+    run's expert counts in stage III) into ``training_args.output_dir``. ``train_dataset`` holds raw examples for
     :class:`MoeLlavaCollator` (a list of dicts or a ``datasets.Dataset``). Returns the Trainer."""
     training_args = stage_training_arguments(training_args, args.stage)
     resume = resume_point(training_args.resume_from_checkpoint, training_args.output_dir, required=True)
@@ -618,7 +622,7 @@ def run_stage(
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: keep a graph through checkpointed layers
     collator = MoeLlavaCollator(processor, args.max_length, args.resolved_conversation)
-    trainer = Trainer(
+    trainer = RoutingStatsTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -629,10 +633,14 @@ def run_stage(
     )
     trainer.train(resume_from_checkpoint=resume)
     model.card_details = {"training_stages": [MOE_TUNING_STAGES[i] for i in range(1, args.stage + 1)]}
-    trainer.save_model()  # the model, its card and the processor (the Trainer's processing_class)
+    trainer.save_model()  # the model, its card and the processor (the Trainer's processing_class), main process only
     if trainer.is_world_process_zero():
         marker = {"stage": args.stage, "global_step": trainer.state.global_step, "arguments": asdict(args)}
-        (Path(training_args.output_dir) / STAGE_MARKER).write_text(json.dumps(marker, indent=2))
+        if trainer.expert_counts:  # summed over processes: the global batch's counts
+            marker["expert_counts"] = {name: counts.tolist() for name, counts in trainer.expert_counts.items()}
+        atomic_write_text(Path(training_args.output_dir) / STAGE_MARKER, json.dumps(marker, indent=2))
+    # The next stage (or the caller) reads this folder in every process: none goes on before the main one wrote it.
+    trainer.accelerator.wait_for_everyone()
     return trainer
 
 

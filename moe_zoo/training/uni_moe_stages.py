@@ -63,6 +63,7 @@ from transformers import (
 from ..atomic_io import atomic_write_text, save_files_atomically
 from ..modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration, UniMoeProcessor, upcycle_uni_moe
 from ..modeling.uni_moe.configuration_uni_moe import audio_hidden_size
+from .distributed import DistributedTrainer, unsharded_copy
 from .moe_tuning import load_vision_tower
 from .routing_stats import RoutingStatsTrainer
 from .stage_utils import resume_point, set_trainable_by_patterns, wants_resume, with_stage_defaults
@@ -631,7 +632,7 @@ def _train(
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     counts = sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
     logger.info("Uni-MoE stage %d: %d of %d parameters train (%d tensors)", stage, *counts, len(trainable))
-    trainer_class = RoutingStatsTrainer if stage == 3 else Trainer
+    trainer_class = RoutingStatsTrainer if stage == 3 else DistributedTrainer
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -642,7 +643,13 @@ def _train(
         callbacks=list(callbacks or []),
     )
     trainer.train(resume_from_checkpoint=resume)
-    final = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    # FSDP's shards can be neither merged nor saved: the main process merges and saves a plain copy with the full
+    # weights; the other processes return their (sharded, unmerged) model.
+    trained = unsharded_copy(trainer) if trainer.is_fsdp_enabled else model
+    if trained is None:
+        final = model
+    else:
+        final = trained.merge_and_unload() if isinstance(trained, PeftModel) else trained
     # Router logits (and the router loss) were for training; the saved model leaves them off by default, as any
     # MoE checkpoint for inference (generate's cached steps see fewer tokens than the attention mask holds).
     final.config.output_router_logits = False
@@ -651,6 +658,8 @@ def _train(
         marker = {**marker, "stage": stage, "global_step": trainer.state.global_step, "arguments": asdict(args)}
         final.card_details = {"training_stages": [f"Uni-MoE stage {i}" for i in range(1, stage + 1)]}
         _save_final(final, processor, output_dir, marker)
+    # The next stage reads this folder in every process: none goes on before the main one wrote it.
+    trainer.accelerator.wait_for_everyone()
     return StageRun(stage, trainer, final, processor, output_dir, trainable)
 
 

@@ -17,12 +17,14 @@ mean over layers), returned as ``outputs.z_loss``. ``PeftModelForCausalLM.forwar
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from peft import LoraModel
 from peft.tuners.tuners_utils import _get_submodules
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ...core.losses import router_z_loss, switch_load_balancing_loss
 from ...core.recording import collect_routing
@@ -53,6 +55,36 @@ def _check_ffn_targets_exist(config: MixLoraConfig, pending: dict[str, set[str]]
         f"`target_modules` names the FFN projections {missing}, which this model's FFNs lack ({found}). Target the "
         "projections of the model's own layout."
     )
+
+
+ROUTER_LOSS_FIELDS = ("aux_loss", "z_loss")
+_OUTPUT_TYPES_WITH_ROUTER_LOSSES: dict[type, type] = {}
+
+
+def with_router_loss_fields(outputs: ModelOutput) -> ModelOutput:
+    """``outputs`` as an instance of a subclass of its own type that declares ``aux_loss`` and ``z_loss`` fields.
+
+    A ``ModelOutput`` is a dataclass registered as a pytree node; DistributedDataParallel flattens a module's output
+    and rebuilds it with ``type(outputs)(**fields)``, so a key that is not a declared field (``aux_loss`` set on a
+    plain ``CausalLMOutputWithPast``) makes every DDP forward fail. The subclass (one per wrapped output type,
+    cached) declares both, so the output survives the round trip and still is an instance of the wrapped type.
+    """
+    output_type = type(outputs)
+    declared = {f.name for f in dataclasses.fields(output_type)}
+    missing = [name for name in ROUTER_LOSS_FIELDS if name not in declared]
+    if not missing:
+        return outputs
+    subclass = _OUTPUT_TYPES_WITH_ROUTER_LOSSES.get(output_type)
+    if subclass is None:
+        subclass = dataclasses.make_dataclass(
+            f"MixLora{output_type.__name__}",
+            [(name, torch.FloatTensor | None, dataclasses.field(default=None)) for name in missing],
+            bases=(output_type,),
+            namespace={"__module__": __name__},
+        )
+        _OUTPUT_TYPES_WITH_ROUTER_LOSSES[output_type] = subclass
+        globals()[subclass.__name__] = subclass  # found by name, so its outputs pickle like the wrapped type's
+    return subclass(**outputs)
 
 
 class MixLoraModel(LoraModel):
@@ -127,6 +159,7 @@ class MixLoraModel(LoraModel):
             if add_router_loss:
                 outputs = (outputs[0] + router_loss.to(outputs[0].dtype),) + outputs[1:]
             return outputs
+        outputs = with_router_loss_fields(outputs)
         if add_router_loss and outputs.get("loss") is not None:
             outputs["loss"] = outputs["loss"] + router_loss.to(outputs["loss"].dtype)
         outputs["aux_loss"] = aux
