@@ -103,7 +103,10 @@ class SparseMoeBlock(nn.Module):
 
     def _run_ffn_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         has_empty_slots = self.routes_variable_experts or self.current_capacity_factor() is not None
-        if not has_empty_slots or self.config._experts_implementation in SKIPS_EMPTY_SLOTS:
+        # Under transformers' expert parallelism (``ep_dispatch_experts``) the bank's forward sends every index to the
+        # rank owning that expert, and an empty slot's index names no rank; so those pairs are flattened too.
+        expert_parallel = getattr(self.experts, "_is_expert_parallel", False)
+        if not has_empty_slots or (self.config._experts_implementation in SKIPS_EMPTY_SLOTS and not expert_parallel):
             return self.experts(x, indices, weights)
         # Variable experts per token, for an implementation that would compute empty slots: hand it only the real
         # (token, expert) pairs, one per row, as a dense (P, 1) routing.

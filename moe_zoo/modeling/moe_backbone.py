@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils.logging import tqdm
 
 from ..atomic_io import save_files_atomically
@@ -46,6 +47,47 @@ def experts_implementation_hidden(text_config: PreTrainedConfig) -> Iterator[Non
         text_config._experts_implementation_internal = requested
 
 
+@contextmanager
+def built_on_meta_whole() -> Iterator[None]:
+    """Build a model on the meta device, in one piece even while a DeepSpeed ZeRO-3 config is alive.
+
+    Upcycling builds the MoE on the meta device and fills every tensor by copying. Once ``TrainingArguments(deepspeed=
+    <a ZeRO-3 config>)`` exists (the training scripts make it first), transformers wraps every ``from_config`` (our
+    backbone's included) in ``deepspeed.zero.Init`` and initialises the partitioned weights gathered, which fails on
+    meta tensors. transformers' own guard against nested ``zero.Init`` (``set_zero3_state``, what ``from_pretrained``
+    sets while it builds a model) turns that off here; the whole MoE is then built and copied on each rank, and
+    DeepSpeed partitions it when its engine starts (``deepspeed.initialize`` converts a model not built under
+    ``zero.Init``). So upcycling under ZeRO-3 needs the whole MoE in each process's memory once; a model that does not
+    fit is upcycled and saved first, and ``from_pretrained`` under ZeRO-3 partitions it while loading.
+    """
+    with torch.device("meta"):
+        if not is_deepspeed_zero3_enabled():
+            yield
+            return
+        from transformers.modeling_utils import set_zero3_state
+
+        with set_zero3_state():
+            yield
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``model``'s parameters hold their full tensors, also where DeepSpeed ZeRO-3 partitioned them.
+
+    A dense model loaded with ``from_pretrained`` while a ZeRO-3 config is alive keeps only its shard of each
+    parameter (an empty ``param.data`` and a ``ds_tensor``); upcycling reads the whole weights, so they are gathered
+    (read-only: ``modifier_rank=None``) for the copy. Outside ZeRO-3 this does nothing.
+    """
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
 def build_backbone(text_config: PreTrainedConfig) -> tuple[PreTrainedModel, nn.Module]:
     """The backbone's own base model and LM head (with the head's bias where the backbone has one, e.g. Phi),
     built by the backbone's causal-LM class from ``text_config``."""
@@ -56,6 +98,22 @@ def build_backbone(text_config: PreTrainedConfig) -> tuple[PreTrainedModel, nn.M
     return getattr(dense, dense.base_model_prefix), dense.get_output_embeddings()
 
 
+EXPERT_PARALLEL_PLAN: dict[str, str] = {
+    "gate_up_proj": "grouped_gemm",
+    "up_proj": "grouped_gemm",
+    "up_proj_bias": "grouped_gemm",
+    "down_proj": "grouped_gemm",
+    "down_proj_bias": "grouped_gemm",
+    "": "ep_dispatch_experts",
+}
+"""transformers' expert-parallel styles for an expert bank of :mod:`moe_zoo.core.experts`, by parameter name
+(``""`` is the bank itself): the rules Qwen3-MoE and Mixtral declare in ``base_model_ep_plan``. ``grouped_gemm``
+gives each rank ``E / ep_size`` whole experts (``Shard(0)`` of every ``(E, ...)`` tensor, biases included: a bias
+left whole would be indexed with local expert ids); ``ep_dispatch_experts`` brings each rank's experts their tokens
+(all-to-all in training, all-reduce at inference when the ranks share the batch). Routers (``mlp.gate``), shared
+experts and zero-computation experts stay replicated, as Qwen2-MoE's shared expert does."""
+
+
 def install_moe_blocks(
     decoder: nn.Module,
     config: Any,
@@ -63,7 +121,8 @@ def install_moe_blocks(
     hidden_act: str,
     experts_classes: tuple[type[nn.Module], type[nn.Module]],
 ) -> list[int]:
-    """Replace the FFN (``layer.mlp``) of every layer in ``config.moe_layers`` with a :class:`SparseMoeBlock`.
+    """Replace the FFN (``layer.mlp``) of every layer in ``config.moe_layers`` with a :class:`SparseMoeBlock`, and
+    declare the blocks' expert-parallel plan on ``decoder`` (:func:`declare_expert_parallel_plan`).
 
     ``experts_classes`` are the model file's decorated ``(gated, plain)`` expert banks. Returns the MoE layer
     indices. Raises ``ValueError`` for a layer whose FFN layout upcycling does not support.
@@ -80,7 +139,42 @@ def install_moe_blocks(
             gated=layout.gated,
             experts_class=experts_classes[0] if layout.gated else experts_classes[1],
         )
+    declare_expert_parallel_plan(decoder)
     return indices
+
+
+def declare_expert_parallel_plan(decoder: nn.Module) -> dict[str, str]:
+    """Add the expert-parallel rules of ``decoder``'s MoE blocks to its ``_ep_plan`` and return them.
+
+    transformers' MoE models declare ``base_model_ep_plan`` on their decoder's config class; ours reuse the dense
+    backbone's own base model (``LlamaModel``, ``PhiModel``...) and config, which declare none, and that base model
+    collected its plans (``init_parallel_plans``, in its ``post_init``) before the MoE blocks existed. The rules of
+    :data:`EXPERT_PARALLEL_PLAN` are therefore written onto the backbone here, with transformers' wildcard for layer
+    numbers (``layers.*.mlp.experts.gate_up_proj``) and only for the tensors the banks have; every enclosing model's
+    ``post_init`` then collects them under its prefixes (``model.``, ``model.language_model.``...), exactly as it
+    collects a sub-model's TP plan, and ``from_pretrained(..., distributed_config=DistributedConfig(ep_size=N,
+    ...))`` applies them. The backbone's TP rules for FFN projections that no layer has any more (Llama's
+    ``layers.*.mlp.gate_proj`` once every FFN is an MoE block) are dropped, so that loading with a TP plan does not
+    warn about them; those of FFNs left dense stay.
+    """
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    names = {replace_layer_number_by_wildcard(n) for n, _ in [*decoder.named_modules(), *decoder.named_parameters()]}
+    tp_plan = getattr(decoder, "_tp_plan", None)
+    if tp_plan:
+        decoder._tp_plan = {rule: style for rule, style in tp_plan.items() if rule in names}
+    rules: dict[str, str] = {}
+    for name, module in decoder.named_modules():
+        if not isinstance(module, SparseMoeBlock):
+            continue
+        bank = replace_layer_number_by_wildcard(f"{name}.experts")
+        for param_name, _ in module.experts.named_parameters(recurse=False):
+            if param_name in EXPERT_PARALLEL_PLAN:
+                rules[f"{bank}.{param_name}"] = EXPERT_PARALLEL_PLAN[param_name]
+        rules[bank] = EXPERT_PARALLEL_PLAN[""]
+    if rules:
+        decoder._ep_plan = {**(getattr(decoder, "_ep_plan", None) or {}), **rules}
+    return rules
 
 
 def backbone_hidden_act(text_config: PreTrainedConfig) -> str:
@@ -119,6 +213,12 @@ class PublishingMixin:
         folder is then uploaded (to ``repo_id``, by default the folder's name), as transformers does."""
         hub_kwargs = {name: kwargs.pop(name) for name in _HUB_ARGUMENTS if name in kwargs}
         parent = super()
+        if not _writes_checkpoint_files(self, kwargs.get("is_main_process", True)):
+            # Under torch.distributed transformers writes on rank 0 only; the other ranks call save_pretrained to take
+            # part in gathering sharded weights (tensor / expert parallelism) and must leave the folder alone: an
+            # atomic save from here would find nothing written and delete the weight files rank 0 just moved in.
+            parent.save_pretrained(save_directory, *args, **kwargs)
+            return None
         publishing = _publishing_hooks(self) if kwargs.get("is_main_process", True) else None
 
         def write(folder):
@@ -146,6 +246,16 @@ class PublishingMixin:
         if publishing is None:
             return super().push_to_hub(repo_id, **kwargs)
         return publishing.push_model(self, repo_id, **kwargs)
+
+
+def _writes_checkpoint_files(model: PreTrainedModel, is_main_process: bool) -> bool:
+    """Whether this process writes the files of ``model.save_pretrained``: transformers' own rule
+    (``should_save_on_this_rank``: the main process, and rank 0 once torch.distributed is initialized)."""
+    decide = getattr(model, "should_save_on_this_rank", None)
+    if decide is not None:
+        return decide(is_main_process)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return is_main_process and (not distributed or torch.distributed.get_rank() == 0)
 
 
 _HUB_ARGUMENTS = ("repo_id", "commit_message", "commit_description", "private", "revision", "create_pr", "tags")
@@ -262,24 +372,26 @@ def upcycle_weights(
     name is copied, every expert of each MoE block becomes a copy of the dense FFN of its layer, a single shared
     expert of the FFN's size too, and routers start fresh (normal(0, ``router_init_std``)).
 
-    The two models must use the same names outside the MoE blocks; a mismatch raises ``ValueError``.
+    The two models must use the same names outside the MoE blocks; a mismatch raises ``ValueError``. A ``dense`` whose
+    parameters DeepSpeed ZeRO-3 partitioned is gathered for the copy (:func:`full_parameters`).
     """
-    indices = set(resolve_moe_layers(config.moe_layers, num_layers))
-    dense_layers = find_decoder_layers(dense_decoder, num_layers)
-    moe_layers = find_decoder_layers(moe_decoder, num_layers)
-    ffn_prefixes = {f"{_module_name(moe, moe_layers[i].mlp)}." for i in indices}
-    _copy_shared_tensors(dense, moe, ffn_prefixes)
-    for index in tqdm(sorted(indices), desc="Upcycling FFNs into experts", leave=False):
-        block: SparseMoeBlock = moe_layers[index].mlp
-        dense_ffn = dense_layers[index].mlp
-        copy_ffn_into_experts(dense_ffn, block.experts)
-        if block.shared_expert is not None:
-            if config.num_shared_experts == 1 and not config.shared_expert_intermediate_size:
-                copy_ffn_into_shared_expert(dense_ffn, block.shared_expert)
-            else:
-                for linear in block.shared_expert.children():
-                    moe._init_weights(linear)
-        block.reset_routing(router_init_std)
+    with full_parameters(dense):
+        indices = set(resolve_moe_layers(config.moe_layers, num_layers))
+        dense_layers = find_decoder_layers(dense_decoder, num_layers)
+        moe_layers = find_decoder_layers(moe_decoder, num_layers)
+        ffn_prefixes = {f"{_module_name(moe, moe_layers[i].mlp)}." for i in indices}
+        _copy_shared_tensors(dense, moe, ffn_prefixes)
+        for index in tqdm(sorted(indices), desc="Upcycling FFNs into experts", leave=False):
+            block: SparseMoeBlock = moe_layers[index].mlp
+            dense_ffn = dense_layers[index].mlp
+            copy_ffn_into_experts(dense_ffn, block.experts)
+            if block.shared_expert is not None:
+                if config.num_shared_experts == 1 and not config.shared_expert_intermediate_size:
+                    copy_ffn_into_shared_expert(dense_ffn, block.shared_expert)
+                else:
+                    for linear in block.shared_expert.children():
+                        moe._init_weights(linear)
+            block.reset_routing(router_init_std)
     moe.tie_weights()
 
 

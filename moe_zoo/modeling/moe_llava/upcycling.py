@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
-from ..moe_backbone import upcycle_weights
+from ..moe_backbone import built_on_meta_whole, upcycle_weights
 from .configuration_moe_llava import MoeLlavaConfig
 from .modeling_moe_llava import MoeLlavaForConditionalGeneration
 
@@ -32,7 +31,7 @@ def upcycle_moe_llava(
     moe = {"num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, "moe_layers": moe_layers}
     config = MoeLlavaConfig(**{**fields, **moe, **moe_options})
     parameter = next(model.parameters())
-    with torch.device("meta"):
+    with built_on_meta_whole():
         upcycled = MoeLlavaForConditionalGeneration(config)
     upcycled = upcycled.to_empty(device=parameter.device).to(parameter.dtype)
     std = router_init_std if router_init_std is not None else config.initializer_range

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...core.upcycle import dense_expert_weights, find_decoder_layers
-from ..moe_backbone import upcycle_weights
+from ..moe_backbone import built_on_meta_whole, full_parameters, upcycle_weights
 from .configuration_uni_moe import UniMoeConfig
 from .modeling_uni_moe import UniMoeForConditionalGeneration
 
@@ -93,7 +93,7 @@ def upcycle_uni_moe(
     }
     config = UniMoeConfig(**{**fields, **moe})
     parameter = next(base_dense_model.parameters())
-    with torch.device("meta"):
+    with built_on_meta_whole():
         upcycled = UniMoeForConditionalGeneration(config)
     upcycled = upcycled.to_empty(device=parameter.device).to(parameter.dtype)
     std = router_init_std if router_init_std is not None else config.initializer_range
@@ -105,11 +105,12 @@ def upcycle_uni_moe(
         if source is None:
             continue  # upcycle_weights put the base FFN in every expert already
         source_layers = find_decoder_layers(source.model.language_model, num_layers)
-        for index in config.moe_layer_indices:
-            bank = moe_layers[index].mlp.experts
-            for name, weight in dense_expert_weights(source_layers[index].mlp).items():
-                target = getattr(bank, name)
-                target[expert].copy_(weight.detach().to(device=target.device, dtype=target.dtype))
+        with full_parameters(source):
+            for index in config.moe_layer_indices:
+                bank = moe_layers[index].mlp.experts
+                for name, weight in dense_expert_weights(source_layers[index].mlp).items():
+                    target = getattr(bank, name)
+                    target[expert].copy_(weight.detach().to(device=target.device, dtype=target.dtype))
     upcycled.generation_config = copy.deepcopy(base_dense_model.generation_config)
     upcycled.train(base_dense_model.training)
     return upcycled

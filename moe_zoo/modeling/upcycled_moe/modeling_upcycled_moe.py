@@ -54,7 +54,13 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
     ``forward`` returns a ``MoeCausalLMOutputWithPast``; with labels and ``output_router_logits`` (argument or
     config field) the router loss of :func:`moe_zoo.core.router_aux_loss` is added to the LM loss and returned
     as ``aux_loss``.
+
+    Parallel plans: the backbone's own tensor-parallel plan (``model.*``, e.g. Llama's attention projections), the
+    expert-parallel plan of the MoE blocks (:func:`~moe_zoo.modeling.moe_backbone.declare_expert_parallel_plan`)
+    and, as in transformers' causal LMs, the LM head's, so ``from_pretrained(..., distributed_config=...)`` shards it.
     """
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..moe_backbone import upcycle_weights
+from ..moe_backbone import built_on_meta_whole, upcycle_weights
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .modeling_upcycled_moe import UpcycledMoeForCausalLM
 
@@ -52,7 +52,7 @@ def upcycle(
     parameter = next(model.parameters())
     # Build on the meta device and fill every tensor by copying: no time is spent on a random init that the
     # copies would overwrite, and memory holds the MoE once.
-    with torch.device("meta"):
+    with built_on_meta_whole():
         moe = UpcycledMoeForCausalLM(config)
     moe = moe.to_empty(device=parameter.device).to(parameter.dtype)
     std = router_init_std if router_init_std is not None else config.initializer_range
