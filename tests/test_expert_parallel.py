@@ -144,6 +144,27 @@ def test_declared_plans_name_the_models_tensors(name, caplog):
     assert any("self_attn" in rule for rule in model.tp_plan)
 
 
+@pytest.mark.parametrize("base", ["moe_llava", "text"])
+def test_metis_home_plans_follow_the_ffns_into_their_branches(base):
+    """Metis-HOME moves each FFN to ``mlp.branches.<name>`` after its wrapped model collected its plans: the rules are
+    rewritten for every branch, so the experts of an MoE-LLaVA base (and a dense base's FFN projections) are still
+    exactly what the plans shard."""
+    from tests.test_metis_home_model import _pair
+
+    _, metis = _pair(base)
+    expert_tensors = {n for n, _ in metis.named_parameters() if ".experts." in n}
+    expanded_ep = metis._expand_parallel_plan(metis.ep_plan)
+    assert {n for n, style in expanded_ep.items() if style == "grouped_gemm"} == expert_tensors
+    assert {".branches.thinking." in n for n in expert_tensors} == ({True, False} if expert_tensors else set())
+    assert bool(expert_tensors) == (base == "moe_llava")
+    expanded_tp = metis._expand_parallel_plan(metis.tp_plan)
+    named = {n for n, _ in metis.named_parameters(remove_duplicate=False)} | {n for n, _ in metis.named_modules()}
+    assert expanded_tp and set(expanded_tp) <= named  # every TP rule names a tensor or module that exists
+    if base == "text":
+        ffn_rules = {n for n in expanded_tp if ".mlp." in n and not n.endswith((".weight", ".bias"))}
+        assert ffn_rules == {n for n, _ in metis.named_modules() if ".mlp." in n and n.endswith("_proj")}
+
+
 def test_tp_rules_of_ffns_that_became_experts_are_dropped():
     """Llama's plan shards ``mlp.gate_proj``; where every FFN is an MoE block that rule names nothing and is dropped,
     so that loading with a TP plan warns about nothing; with dense layers left it stays."""

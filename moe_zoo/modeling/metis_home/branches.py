@@ -55,6 +55,23 @@ def branch_restoring_context_fn(
     return context_fn
 
 
+def branched_plan(plan: dict[str, str] | None, branch_names: list[str]) -> dict[str, str]:
+    """``plan`` (a parallel plan: ``{module or parameter pattern: style}``) for the model whose FFNs became
+    :class:`BranchedFFN`\ s: every rule inside a layer's FFN (``layers.*.mlp.<rest>``) is repeated for the FFN of each
+    branch (``layers.*.mlp.branches.<name>.<rest>``), so that the wrapped model's tensor- and expert-parallel rules
+    (an MoE-LLaVA's ``mlp.experts.gate_up_proj``, Llama's ``mlp.gate_proj``) still name its tensors. The other rules
+    are kept as they are."""
+    rewritten: dict[str, str] = {}
+    for rule, style in (plan or {}).items():
+        head, inside_ffn, rest = rule.partition(".mlp.")
+        if not inside_ffn:
+            rewritten[rule] = style
+            continue
+        for name in branch_names:
+            rewritten[f"{head}.mlp.branches.{name}.{rest}"] = style
+    return rewritten
+
+
 class BranchedFFN(nn.Module):
     """A decoder layer's FFN as one module per branch (``branches.<name>``); each row of the batch goes through the
     FFN of its branch only, so a batch costs what one FFN would.

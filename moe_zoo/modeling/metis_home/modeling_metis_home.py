@@ -39,7 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from ...core.recording import collect_routing
 from ...core.upcycle import find_decoder_layers
 from ..moe_backbone import PublishingMixin
-from .branches import BranchedFFN, BranchSelection, branch_restoring_context_fn
+from .branches import BranchedFFN, BranchSelection, branch_restoring_context_fn, branched_plan
 from .configuration_metis_home import MetisHomeConfig
 
 BranchChoice = str | int | Sequence[str | int] | torch.Tensor
@@ -223,6 +223,9 @@ class MetisHomeForConditionalGeneration(MetisHomePreTrainedModel, GenerationMixi
                 for i, name in enumerate(config.branch_names)
             }
             layer.mlp = BranchedFFN(copies, self.selection)
+        # The wrapped model collected its parallel plans when it was built, with the FFNs where they were.
+        self.model._tp_plan = branched_plan(self.model.tp_plan, config.branch_names)
+        self.model._ep_plan = branched_plan(self.model.ep_plan, config.branch_names)
         self.router = QueryRouter(config)
         if config.tie_word_embeddings:
             self._tied_weights_keys = {
