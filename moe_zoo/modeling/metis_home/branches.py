@@ -57,7 +57,7 @@ def branch_restoring_context_fn(
 
 def branched_plan(plan: dict[str, str] | None, branch_names: list[str]) -> dict[str, str]:
     """``plan`` (a parallel plan: ``{module or parameter pattern: style}``) for the model whose FFNs became
-    :class:`BranchedFFN`\ s: every rule inside a layer's FFN (``layers.*.mlp.<rest>``) is repeated for the FFN of each
+    :class:`BranchedFFN` modules: every rule inside a layer's FFN (``layers.*.mlp.<rest>``) is repeated for the FFN of each
     branch (``layers.*.mlp.branches.<name>.<rest>``), so that the wrapped model's tensor- and expert-parallel rules
     (an MoE-LLaVA's ``mlp.experts.gate_up_proj``, Llama's ``mlp.gate_proj``) still name its tensors. The other rules
     are kept as they are."""
