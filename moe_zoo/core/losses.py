@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .options import balance_slot_weights
 from .recording import LayerRouting
 from .routing import TopAnyRouter
 
@@ -35,10 +36,12 @@ def switch_load_balancing_loss(
     num_experts: int,
     top_k: int,
     token_mask: torch.Tensor | None = None,
+    slot_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer's loss in transformers' form (``load_balancing_loss_func``): all layers' tokens pooled,
     ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of top-k assignments to expert ``e`` (summed over the k
-    choices) and ``P_e`` the mean softmax probability."""
+    choices) and ``P_e`` the mean softmax probability. ``slot_weights (E,)`` makes it MoE++'s heterogeneous
+    ``E * sum_e eta_e f_e P_e`` (see :func:`~moe_zoo.core.options.balance_slot_weights`)."""
     counts = 0.0
     prob_sum = 0.0
     total = 0.0
@@ -49,17 +52,26 @@ def switch_load_balancing_loss(
         counts = counts + (F.one_hot(chosen, num_experts).sum(dim=1) * weights[:, None]).sum(dim=0)
         prob_sum = prob_sum + (probs * weights[:, None]).sum(dim=0)
         total = total + weights.sum()
-    return num_experts * torch.sum((counts / total) * (prob_sum / total))
+    per_slot = (counts / total) * (prob_sum / total)
+    return num_experts * torch.sum(_weighted(per_slot, slot_weights))
 
 
-def gshard_load_balancing_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _weighted(per_slot: torch.Tensor, slot_weights: torch.Tensor | None) -> torch.Tensor:
+    return per_slot if slot_weights is None else per_slot * slot_weights.to(per_slot.device, per_slot.dtype)
+
+
+def gshard_load_balancing_loss(
+    router_logits: torch.Tensor, token_mask: torch.Tensor | None = None, slot_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """GShard's top-1 loss for one layer, as DeepSpeed computes it (``l_aux = E^2 * mean(me * ce)``): ``me`` the
-    mean softmax probability, ``ce`` the fraction of tokens whose **first** choice is each expert."""
+    mean softmax probability, ``ce`` the fraction of tokens whose **first** choice is each expert; ``slot_weights``
+    as in :func:`switch_load_balancing_loss`."""
     num_experts = router_logits.shape[-1]
     weights = _weights(token_mask, router_logits.shape[0], router_logits.device)
     probs = torch.softmax(router_logits.float(), dim=-1)
     first = F.one_hot(probs.argmax(dim=-1), num_experts).float()
-    return num_experts * num_experts * torch.mean(_masked_mean(probs, weights) * _masked_mean(first, weights))
+    per_slot = _masked_mean(probs, weights) * _masked_mean(first, weights)
+    return num_experts * num_experts * torch.mean(_weighted(per_slot, slot_weights))
 
 
 def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +107,8 @@ def router_aux_loss(
     """The weighted sum of router losses that a model adds to its LM loss, or None without MoE layers.
 
     - balance: ``aux_loss_type="switch_topk_mean"`` (transformers) or ``"gshard_top1_sum"`` (DeepSpeed /
-      MoE-LLaVA, summed over layers), times ``router_aux_loss_coef``; top-any routers use DynMoE's
+      MoE-LLaVA, summed over layers), times ``router_aux_loss_coef``, with zero-computation slots weighted by
+      ``zero_computation_loss_weight`` (MoE++); top-any routers use DynMoE's
       diverse-and-simple gate loss in its place (its scores are not a distribution);
     - ``router_z_loss_coef`` times the mean z-loss over layers;
     - ``router_entropy_loss_coef`` times the mean routing entropy over layers.
@@ -106,12 +119,13 @@ def router_aux_loss(
     top_any = [r for r in records if isinstance(r.router, TopAnyRouter)]
     loss = records[0].logits.new_zeros((), dtype=torch.float32)
     if ranked and config.router_aux_loss_coef:
+        slot_weights = balance_slot_weights(config)
         if config.aux_loss_type == "gshard_top1_sum":
-            balance = sum(gshard_load_balancing_loss(r.logits, token_mask) for r in ranked)
+            balance = sum(gshard_load_balancing_loss(r.logits, token_mask, slot_weights) for r in ranked)
         else:
             top_k = max(1, min(config.num_experts_per_tok, ranked[0].logits.shape[-1]))
             balance = switch_load_balancing_loss(
-                [r.logits for r in ranked], ranked[0].logits.shape[-1], top_k, token_mask
+                [r.logits for r in ranked], ranked[0].logits.shape[-1], top_k, token_mask, slot_weights
             )
         loss = loss + config.router_aux_loss_coef * balance
     if top_any and config.router_aux_loss_coef:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 ROUTER_TYPES = (
     "softmax_topk",  # softmax over all experts, then top-k (Mixtral, Qwen-MoE, MixLoRA, DeepSpeed)
     "topk_softmax",  # top-k over the logits, then softmax over the selected (Uni-MoE v1)
@@ -65,6 +67,9 @@ class MoeOptions:
     Losses:
         router_aux_loss_coef, aux_loss_type (one of :data:`AUX_LOSS_TYPES`), router_z_loss_coef,
         router_entropy_loss_coef; output_router_logits returns the router logits (and adds the loss in training).
+        zero_computation_loss_weight: tau of MoE++'s heterogeneous load-balance loss ``sum_i eta_i f_i P_i``, the
+            weight ``eta`` of the zero, copy and constant experts' slots (FFN and null experts weigh 1); below 1 it
+            lets tokens use the cheap experts more than a uniform share. 1.0 (default) is the ordinary loss.
     """
 
     num_experts: int = 4
@@ -96,6 +101,7 @@ class MoeOptions:
     aux_loss_type: str = "switch_topk_mean"
     router_z_loss_coef: float = 0.0
     router_entropy_loss_coef: float = 0.0
+    zero_computation_loss_weight: float = 1.0
     output_router_logits: bool = False
 
     def moe_options(self) -> dict[str, Any]:
@@ -138,6 +144,18 @@ def parse_moe_layers(text: str) -> str | list[int]:
     if not text.replace(",", "").replace(" ", "").isdigit():
         return text
     return [int(part) for part in text.split(",") if part.strip()]
+
+
+def balance_slot_weights(config: Any) -> torch.Tensor | None:
+    """``eta`` of every routed slot for the load-balance loss (``[FFN | copy | constant | zero | null]``): 1, and
+    ``zero_computation_loss_weight`` for the zero-computation experts (MoE++); None when every slot weighs 1."""
+    tau = config.zero_computation_loss_weight
+    cheap = config.num_copy_experts + config.num_constant_experts + config.num_zero_experts
+    if tau == 1.0 or not cheap:
+        return None
+    weights = torch.ones(num_routed_slots(config))
+    weights[config.num_experts : config.num_experts + cheap] = tau
+    return weights
 
 
 def num_routed_slots(config: Any) -> int:
@@ -205,7 +223,12 @@ def validate_moe_options(config: Any, num_layers: int | None = None) -> None:
         _fail("router_bias_update_rate", config.router_bias_update_rate, ">= 0")
     if config.router_jitter_noise < 0 or config.router_jitter_noise >= 1:
         _fail("router_jitter_noise", config.router_jitter_noise, "in [0, 1)")
-    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_entropy_loss_coef"):
+    for name in (
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "router_entropy_loss_coef",
+        "zero_computation_loss_weight",
+    ):
         if getattr(config, name) < 0:
             _fail(name, getattr(config, name), ">= 0")
     if num_layers is not None:

@@ -286,6 +286,55 @@ def test_router_aux_loss_gshard_sums_layers_and_handles_empty_and_zero_coefficie
     assert router_aux_loss(records, config).item() == 0.0
 
 
+def _heterogeneous_reference(logits: list[torch.Tensor], top_k: int, eta: list[float]) -> float:
+    """MoE++'s heterogeneous balance loss: E * sum_i eta_i f_i P_i, all layers' tokens pooled (float64 Python)."""
+    rows = [row for layer in logits for row in layer.double().tolist()]
+    slots = len(rows[0])
+    f, p = [0.0] * slots, [0.0] * slots
+    for row in rows:
+        probs = _probs(row)
+        for e in sorted(range(slots), key=lambda e: -probs[e])[:top_k]:
+            f[e] += 1 / len(rows)
+        for e in range(slots):
+            p[e] += probs[e] / len(rows)
+    return slots * sum(eta[e] * f[e] * p[e] for e in range(slots))
+
+
+@pytest.mark.parametrize("aux_loss_type", AUX_LOSS_TYPES)
+def test_moe_plus_plus_heterogeneous_loss_weighs_zero_computation_slots_by_tau(aux_loss_type):
+    """Slots [4 FFN | 1 copy | 1 zero | 1 null]: copy and zero weigh tau, FFN and null experts 1."""
+    options = dict(num_experts=4, num_copy_experts=1, num_zero_experts=1, num_null_experts=1, num_experts_per_tok=2)
+    plain = MoeOptions(**options, aux_loss_type=aux_loss_type, router_aux_loss_coef=1.0)
+    cheap = MoeOptions(
+        **options, aux_loss_type=aux_loss_type, router_aux_loss_coef=1.0, zero_computation_loss_weight=0.3
+    )
+    router = TopKRouter(plain, 16)
+    g = torch.Generator().manual_seed(5)
+    logits = [torch.randn(BATCH * SEQ, 7, generator=g) * 1.5 for _ in range(2)]
+    records = [LayerRouting(x, torch.topk(x, 2, dim=-1).indices, router) for x in logits]
+    eta = [1.0, 1.0, 1.0, 1.0, 0.3, 0.3, 1.0]
+    if aux_loss_type == "switch_topk_mean":
+        expected = _heterogeneous_reference(logits, 2, eta)
+        assert router_aux_loss(records, plain).item() == pytest.approx(_heterogeneous_reference(logits, 2, [1.0] * 7))
+    else:  # GShard: per layer, first choices, E^2 * mean(eta * me * ce), summed over layers
+        expected = sum(_gshard_weighted(x, eta) for x in logits)
+        assert router_aux_loss(records, plain).item() == pytest.approx(sum(_gshard_reference(x) for x in logits))
+    assert router_aux_loss(records, cheap).item() == pytest.approx(expected, rel=1e-5)
+    assert router_aux_loss(records, cheap).item() < router_aux_loss(records, plain).item()
+
+
+def _gshard_weighted(logits: torch.Tensor, eta: list[float]) -> float:
+    rows = logits.double().tolist()
+    slots = len(rows[0])
+    me, ce = [0.0] * slots, [0.0] * slots
+    for row in rows:
+        probs = _probs(row)
+        for e in range(slots):
+            me[e] += probs[e] / len(rows)
+        ce[max(range(slots), key=lambda e: row[e])] += 1 / len(rows)
+    return slots * slots * sum(eta[e] * me[e] * ce[e] for e in range(slots)) / slots
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config validation
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,6 +366,7 @@ def _names(values) -> str:
         ({"moe_layers": [-1]}, r"`moe_layers` is \[-1\].*\[0, 3\]"),
         ({"aux_loss_type": "mixtral"}, r"`aux_loss_type` is 'mixtral'.*" + _names(AUX_LOSS_TYPES)),
         ({"moe_layers": "every_other"}, r"`moe_layers` is 'every_other'.*" + _names(MOE_LAYER_MODES)),
+        ({"zero_computation_loss_weight": -0.5}, r"`zero_computation_loss_weight` is -0\.5.*>= 0"),
     ],
 )
 def test_config_validation_names_field_and_allowed_values(overrides, pattern):
