@@ -3,7 +3,9 @@
 Router output slots are laid out as ``[FFN experts | copy | constant | zero | null]``. Only the FFN slots reach the
 expert bank; copy experts return ``x``, constant experts ``a1 x + a2 v`` (MoE++), and zero / null experts return 0
 (MoE++'s zero expert and UniMoE-Audio's null expert differ only in how losses treat them). Shared experts are
-always on and added to the routed output, optionally scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE).
+always on and added to the routed output, optionally scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE), or
+weighted per token and shared expert by one softmax with the selected routed experts (UniMoE-Audio,
+``shared_expert_routing``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .capacity import drop_over_capacity, expert_capacity
 from .experts import ConstantExperts, GatedExperts, GatedMLP, PlainExperts, PlainMLP
 from .fused_experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 from .recording import report_routing
-from .routing import build_router, routes_variable_experts
+from .routing import build_router, routes_variable_experts, routing_dtype
 
 SKIPS_EMPTY_SLOTS = frozenset({"eager", EXPERTS_IMPLEMENTATION})
 """Experts implementations that leave out empty slots (any index ``>= num_experts``) themselves: the banks' eager
@@ -66,6 +68,14 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = (GatedMLP if gated else PlainMLP)(hidden_size, size, hidden_act)
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.shared_expert_router = None
+        if config.shared_expert_routing:
+            if not gated:
+                raise ValueError(
+                    "shared_expert_routing weighs each shared expert separately, which needs gated shared experts "
+                    "(SwiGLU); this layer's FFN is a plain MLP with a bias that the fused shared experts share."
+                )
+            self.shared_expert_router = nn.Linear(hidden_size, config.num_shared_experts, bias=False)
         # Whether routing can leave empty (sentinel) slots that must be removed before the expert bank runs.
         self.routes_variable_experts = routes_variable_experts(config) or self.gate.num_experts > self.num_experts
 
@@ -90,16 +100,33 @@ class SparseMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         logits, weights, indices = self.route(x)
         report_routing(logits, indices, self.gate)
+        shared_weights = None
+        if self.shared_expert_router is not None:
+            weights, shared_weights = self._weights_with_shared_experts(x, logits, indices)
         weights = weights.to(x.dtype)
         output = self._run_ffn_experts(x, indices, weights)
         if self.num_copy or self.num_constant:
             output = output + self._zero_computation_experts(x, indices, weights)
-        if self.shared_expert is not None:
+        if shared_weights is not None:
+            output = output + self.shared_expert(x, shared_weights)
+        elif self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             output = output + shared
         return output.reshape(shape)
+
+    def _weights_with_shared_experts(
+        self, x: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """UniMoE-Audio's weights: one softmax per token over the logits of its selected slots (empty ones left out)
+        and of every shared expert; returns ``(routed (T, K), shared (T, num_shared))``, summing to 1 per token."""
+        slots, dtype = logits.shape[-1], routing_dtype(x)
+        empty = indices >= slots
+        selected = logits.to(dtype).gather(-1, indices.clamp(max=slots - 1)).masked_fill(empty, float("-inf"))
+        shared = nn.functional.linear(x.to(dtype), self.shared_expert_router.weight.to(dtype))
+        joint = torch.softmax(torch.cat([selected, shared], dim=-1), dim=-1)
+        return joint[:, : indices.shape[1]], joint[:, indices.shape[1] :]
 
     def _run_ffn_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         has_empty_slots = self.routes_variable_experts or self.current_capacity_factor() is not None
@@ -134,3 +161,5 @@ class SparseMoeBlock(nn.Module):
             self.constant_experts.reset_parameters(std)
         if self.shared_expert_gate is not None:
             init.normal_(self.shared_expert_gate.weight, mean=0.0, std=std)
+        if self.shared_expert_router is not None:
+            init.normal_(self.shared_expert_router.weight, mean=0.0, std=std)

@@ -150,8 +150,15 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT2FN[hidden_act]
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, chunk_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``chunk_weights (T, C)`` weighs ``C`` equal slices of the intermediate layer, i.e. ``C`` shared experts
+        fused into this one FFN (``down`` is linear, so scaling a slice scales that expert's output): UniMoE-Audio
+        routes its shared experts with per-token weights."""
+        hidden = self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+        if chunk_weights is not None:
+            chunks = chunk_weights.shape[-1]
+            hidden = (hidden.unflatten(-1, (chunks, -1)) * chunk_weights[..., None].to(hidden.dtype)).flatten(-2)
+        return self.down_proj(hidden)
 
 
 class PlainMLP(nn.Module):

@@ -64,6 +64,9 @@ class MoeOptions:
     Extra experts:
         num_shared_experts, shared_expert_intermediate_size (None = the FFN's), shared_expert_gate (sigmoid
         gate, Qwen2-MoE); num_null_experts, num_zero_experts, num_copy_experts, num_constant_experts.
+        shared_expert_routing: UniMoE-Audio's weighting of the shared experts: a linear gate also scores each
+            shared expert, and every token's selected routed experts and all shared experts share one softmax over
+            their logits (instead of the shared experts' fixed weight 1); gated FFNs only.
     Losses:
         router_aux_loss_coef, aux_loss_type (one of :data:`AUX_LOSS_TYPES`), router_z_loss_coef,
         router_entropy_loss_coef; output_router_logits returns the router logits (and adds the loss in training).
@@ -93,6 +96,7 @@ class MoeOptions:
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
+    shared_expert_routing: bool = False
     num_null_experts: int = 0
     num_zero_experts: int = 0
     num_copy_experts: int = 0
@@ -218,6 +222,15 @@ def validate_moe_options(config: Any, num_layers: int | None = None) -> None:
             "router_second_expert_gumbel",
             True,
             "False when router_bias_update_rate > 0 (DeepSpeed's noisy second choice has no selection bias)",
+        )
+    if config.shared_expert_routing and (
+        not config.num_shared_experts or config.shared_expert_gate or config.router_type == "top_any"
+    ):
+        _fail(
+            "shared_expert_routing",
+            True,
+            "False unless num_shared_experts >= 1, shared_expert_gate is False (one weighting of the shared experts) "
+            "and router_type is not 'top_any' (its scores are not logits)",
         )
     if config.router_bias_update_rate < 0:
         _fail("router_bias_update_rate", config.router_bias_update_rate, ">= 0")
