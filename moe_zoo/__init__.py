@@ -15,6 +15,7 @@ from .modeling.uni_moe import UniMoeConfig, UniMoeForConditionalGeneration
 from .modeling.upcycled_moe import (
     UpcycledMoeConfig,
     UpcycledMoeForCausalLM,
+    bam_upcycle,
     max_logit_difference,
     upcycle,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "UpcycledMoeConfig",
     "UpcycledMoeForCausalLM",
     "__version__",
+    "bam_upcycle",
     "expand_to_metis_home",
     "max_logit_difference",
     "update_selection_biases",

@@ -18,6 +18,10 @@ class UpcycledMoeConfig(DecoderShapeView, MoeLayersView, PreTrainedConfig, MoeOp
     backbone's attention, norms and embeddings are built by the backbone's own classes. Every MoE option of
     [`~moe_zoo.core.MoeOptions`] is a field of this config and is validated on construction.
 
+    ``num_attention_experts`` > 0 makes every layer's attention a soft Mixture-of-Attention of that many experts
+    (BAM; ``attention_experts_share_kv`` for its shared key-value variant), see
+    :mod:`moe_zoo.core.mixture_of_attention` and :func:`moe_zoo.bam_upcycle`.
+
     Example:
     ```python
     >>> from transformers import LlamaConfig
@@ -33,12 +37,19 @@ class UpcycledMoeConfig(DecoderShapeView, MoeLayersView, PreTrainedConfig, MoeOp
 
     text_config: dict | PreTrainedConfig | None = None
     tie_word_embeddings: bool = False
+    num_attention_experts: int = 0
+    attention_experts_share_kv: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # The backbone decides tying; the top-level flag is what transformers' tying logic reads.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         validate_moe_options(self, self.text_config.num_hidden_layers)
+        if not isinstance(self.num_attention_experts, int) or self.num_attention_experts < 0:
+            raise ValueError(
+                f"`num_attention_experts` is {self.num_attention_experts!r}, but it must be 0 (the backbone's own "
+                "attention) or the number of soft Mixture-of-Attention experts (BAM)."
+            )
 
 
 __all__ = ["UpcycledMoeConfig"]

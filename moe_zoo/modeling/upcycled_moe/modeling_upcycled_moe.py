@@ -18,6 +18,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
 from ...core.experts import GATED_LAYOUT, PLAIN_LAYOUT, GatedExpertsBase, PlainExpertsBase
+from ...core.mixture_of_attention import install_mixture_of_attention
 from ...core.recording import collect_routing
 from ..moe_backbone import (
     MoeModelMixin,
@@ -68,6 +69,14 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         embeddings = next(n for n, m in self.named_modules() if m is self.model.get_input_embeddings())
         self._tied_weights_keys = {"lm_head.weight": f"{embeddings}.weight"}
         self.logit_softcapping = getattr(config.text_config, "final_logit_softcapping", None)
+        if config.num_attention_experts:  # BAM: before the MoE blocks, whose plan declaration drops stale TP rules
+            install_mixture_of_attention(
+                self.model,
+                config.text_config,
+                config.num_hidden_layers,
+                config.num_attention_experts,
+                config.attention_experts_share_kv,
+            )
         install_moe_blocks(
             self.model,
             config,

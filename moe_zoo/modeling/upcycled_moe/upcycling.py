@@ -41,6 +41,11 @@ def upcycle(
         raise ValueError(
             f"upcycle() needs a transformers causal LM (e.g. LlamaForCausalLM), got {type(model).__name__}."
         )
+    if moe_options.get("num_attention_experts"):
+        raise ValueError(
+            "upcycle() copies one dense model; attention experts come from several seeds: use "
+            "moe_zoo.bam_upcycle([seed_1, ..., seed_N]) for BAM's Mixture-of-Attention."
+        )
     config = UpcycledMoeConfig(
         text_config=copy.deepcopy(model.config),
         num_experts=num_experts,
