@@ -3,7 +3,8 @@
 :func:`select_experts` ranks each block's experts by a statistic of :class:`ExpertStatistics` (EASY-EP's
 output-aware ``importance`` by default, or ``gate_mass`` / ``counts`` for frequency-based pruning) and keeps the
 best ``num_keep``; :func:`prune_experts` removes the others in place: the expert bank's tensors and the router's
-rows of the dropped experts go, the routed slots of zero-computation and null experts stay, and the config's
+rows (and MoE++ gating-residual rows and columns) of the dropped experts go, the routed slots of zero-computation
+and null experts stay, and the config's
 ``num_experts`` (and ``num_experts_per_tok`` if it exceeds what is left) follow, so ``save_pretrained`` writes a
 smaller checkpoint that ``from_pretrained`` loads as it is. :func:`easy_ep_prune` does both from a few
 demonstrations of the target domain (EASY-EP, Dong et al. 2025).
@@ -49,7 +50,8 @@ def _slice_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prune_block(block: SparseMoeBlock, kept: list[int]) -> None:
+def _prune_block(block: SparseMoeBlock, kept: list[int]) -> torch.Tensor:
+    """Prune one block in place; returns the router slots it kept (old slot indices, in their new order)."""
     router = block.gate
     if not isinstance(router, Router):
         raise ValueError(
@@ -72,6 +74,20 @@ def _prune_block(block: SparseMoeBlock, kept: list[int]) -> None:
     router.top_k = min(router.top_k, len(kept))
     block.experts.num_experts = block.num_experts = len(kept)
     block.top_k = min(block.top_k, len(kept))
+    return slot_rows
+
+
+@torch.no_grad()
+def _prune_gating_residuals(blocks: list[SparseMoeBlock], slots: list[torch.Tensor]) -> None:
+    """MoE++'s gating residual of block ``p`` maps block ``p - 1``'s slots into its own: keep the rows of this
+    block's surviving slots and the columns of the previous block's."""
+    for position, block in enumerate(blocks):
+        if block.gating_residual is None:
+            continue
+        weight = block.gating_residual.weight
+        kept = weight.index_select(0, slots[position]).index_select(1, slots[block.gating_position - 1])
+        block.gating_residual = nn.Linear(kept.shape[1], kept.shape[0], bias=False).to(weight.device, weight.dtype)
+        block.gating_residual.weight.copy_(kept)
 
 
 def prune_experts(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
@@ -94,8 +110,8 @@ def prune_experts(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
             f"{ {name: len(kept) for name, kept in keep.items()} }."
         )
     configs = {id(block.config): block.config for block in blocks.values()}
-    for name, block in blocks.items():
-        _prune_block(block, list(keep[name]))
+    slots = [_prune_block(block, list(keep[name])) for name, block in blocks.items()]
+    _prune_gating_residuals(list(blocks.values()), slots)
     (num_keep,) = sizes
     for config in configs.values():
         config.num_experts = num_keep

@@ -28,6 +28,36 @@ forward and moe_zoo's, both through :func:`~moe_zoo.core.experts.group_by_expert
 ``batched_mm`` would compute them, so the block flattens variable routing into real pairs for those."""
 
 
+class GatingResidualChain:
+    """The router logits of a model's MoE blocks in the current forward, by block position, so that each block
+    can add its predecessor's (MoE++'s gating residuals). Each forward overwrites what the previous one left; a
+    layer recomputed by activation checkpointing reads its predecessor's logits of the same forward."""
+
+    def __init__(self) -> None:
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def record(self, position: int, logits: torch.Tensor) -> None:
+        self.logits[position] = logits
+
+    def __deepcopy__(self, memo):  # a copied model gets its own chain, linked again by link_gating_residuals
+        return GatingResidualChain()
+
+
+def link_gating_residuals(blocks: list[SparseMoeBlock]) -> None:
+    """Give every MoE block after the first a gating residual ``Linear(S, S)`` (zero at init: the routing starts
+    as without it) that maps the previous block's router logits into its own, as MoE++ does; ``blocks`` are a
+    model's MoE blocks in layer order. Blocks whose config leaves ``gating_residual`` off are left alone."""
+    chain = GatingResidualChain()
+    for position, block in enumerate(blocks):
+        if not block.config.gating_residual:
+            continue
+        block.gating_chain, block.gating_position = chain, position
+        if position:
+            slots = block.gate.num_experts
+            block.gating_residual = nn.Linear(slots, slots, bias=False)
+            nn.init.zeros_(block.gating_residual.weight)
+
+
 class SparseMoeBlock(nn.Module):
     """A drop-in replacement for a decoder layer's FFN: ``forward(hidden_states (..., H)) -> (..., H)``.
 
@@ -68,6 +98,11 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = (GatedMLP if gated else PlainMLP)(hidden_size, size, hidden_act)
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        # MoE++'s gating residual (``gating_residual``): linked by :func:`link_gating_residuals` once the model has
+        # all its blocks; the first block has none.
+        self.gating_chain: GatingResidualChain | None = None
+        self.gating_position = 0
+        self.gating_residual: nn.Linear | None = None
         self.shared_expert_router = None
         if config.shared_expert_routing:
             if not gated:
@@ -86,14 +121,33 @@ class SparseMoeBlock(nn.Module):
         return self.config.eval_capacity_factor
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router plus capacity: ``(logits (T, S), weights (T, K), indices (T, K))`` over all ``S`` slots."""
-        logits, weights, indices = self.gate(hidden_states)
+        """Router plus capacity: ``(logits (T, S), weights (T, K), indices (T, K))`` over all ``S`` slots; with
+        gating residuals, the logits include the previous MoE block's through :attr:`gating_residual`."""
+        self.gate.logit_offset = self._gating_offset(hidden_states.shape[0])
+        try:
+            logits, weights, indices = self.gate(hidden_states)
+        finally:
+            self.gate.logit_offset = None
+        if self.gating_chain is not None:
+            self.gating_chain.record(self.gating_position, logits)
         factor = self.current_capacity_factor()
         if factor is not None:
             slots = logits.shape[-1]
             capacity = expert_capacity(indices.shape[0], slots, indices.shape[1], factor, self.config.min_capacity)
             indices, weights = drop_over_capacity(indices, weights, slots, capacity, self.renormalize)
         return logits, weights, indices
+
+    def _gating_offset(self, num_tokens: int) -> torch.Tensor | None:
+        if self.gating_residual is None:
+            return None
+        previous = self.gating_chain.logits.get(self.gating_position - 1)
+        if previous is None or previous.shape[0] != num_tokens:
+            raise RuntimeError(
+                f"MoE block {self.gating_position} has a gating residual but the previous MoE block routed "
+                f"{'nothing' if previous is None else previous.shape[0]} tokens in this forward (expected "
+                f"{num_tokens}): gating residuals need the model's MoE blocks to run in order on the same tokens."
+            )
+        return self.gating_residual(previous.to(self.gating_residual.weight.dtype))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -163,3 +217,5 @@ class SparseMoeBlock(nn.Module):
             init.normal_(self.shared_expert_gate.weight, mean=0.0, std=std)
         if self.shared_expert_router is not None:
             init.normal_(self.shared_expert_router.weight, mean=0.0, std=std)
+        if self.gating_residual is not None:  # zero: a fresh gating residual leaves the routing as it was
+            init.zeros_(self.gating_residual.weight)

@@ -64,6 +64,8 @@ class MoeOptions:
     Extra experts:
         num_shared_experts, shared_expert_intermediate_size (None = the FFN's), shared_expert_gate (sigmoid
         gate, Qwen2-MoE); num_null_experts, num_zero_experts, num_copy_experts, num_constant_experts.
+        gating_residual: MoE++'s gating residuals: every MoE block after the first adds the previous block's router
+            logits, through a learned ``(S, S)`` map (zero at init), to its own before choosing experts.
         shared_expert_routing: UniMoE-Audio's weighting of the shared experts: a linear gate also scores each
             shared expert, and every token's selected routed experts and all shared experts share one softmax over
             their logits (instead of the shared experts' fixed weight 1); gated FFNs only.
@@ -97,6 +99,7 @@ class MoeOptions:
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
     shared_expert_routing: bool = False
+    gating_residual: bool = False
     num_null_experts: int = 0
     num_zero_experts: int = 0
     num_copy_experts: int = 0
@@ -232,6 +235,8 @@ def validate_moe_options(config: Any, num_layers: int | None = None) -> None:
             "False unless num_shared_experts >= 1, shared_expert_gate is False (one weighting of the shared experts) "
             "and router_type is not 'top_any' (its scores are not logits)",
         )
+    if config.gating_residual and config.router_type == "top_any":
+        _fail("gating_residual", True, "False for router_type='top_any' (its scores are cosines, not logits)")
     if config.router_bias_update_rate < 0:
         _fail("router_bias_update_rate", config.router_bias_update_rate, ">= 0")
     if config.router_jitter_noise < 0 or config.router_jitter_noise >= 1:

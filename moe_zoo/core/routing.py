@@ -51,6 +51,7 @@ class Router(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # Expert loads since the last bias update; only the update rule reads it, so it is not saved.
         self.register_buffer("pending_load", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        self.logit_offset: torch.Tensor | None = None
 
     def reset_parameters(self, std: float) -> None:
         """Fresh router: weight from normal(0, std), no selection bias, no pending loads. Tensors already loaded
@@ -67,7 +68,10 @@ class Router(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size).to(routing_dtype(hidden_states))
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return F.linear(x, self.weight.to(x.dtype))
+        logits = F.linear(x, self.weight.to(x.dtype))
+        if self.logit_offset is not None:  # MoE++'s gating residual, set by the block for this call
+            logits = logits + self.logit_offset.to(logits.dtype)
+        return logits
 
     def _apply(self, fn, recurse=True):
         # ``model.to(torch.bfloat16)`` would round the balancing bias and loads, whose updates of ~1e-3 then vanish;

@@ -20,7 +20,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils.logging import tqdm
 
 from ..atomic_io import save_files_atomically
-from ..core.block import SparseMoeBlock
+from ..core.block import SparseMoeBlock, link_gating_residuals
 from ..core.experts import ConstantExperts, GatedExpertsBase, PlainExpertsBase
 from ..core.fused_experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 from ..core.losses import router_aux_loss
@@ -121,8 +121,9 @@ def install_moe_blocks(
     hidden_act: str,
     experts_classes: tuple[type[nn.Module], type[nn.Module]],
 ) -> list[int]:
-    """Replace the FFN (``layer.mlp``) of every layer in ``config.moe_layers`` with a :class:`SparseMoeBlock`, and
-    declare the blocks' expert-parallel plan on ``decoder`` (:func:`declare_expert_parallel_plan`).
+    """Replace the FFN (``layer.mlp``) of every layer in ``config.moe_layers`` with a :class:`SparseMoeBlock`, link
+    their gating residuals (``config.gating_residual``, MoE++) and declare the blocks' expert-parallel plan on
+    ``decoder`` (:func:`declare_expert_parallel_plan`).
 
     ``experts_classes`` are the model file's decorated ``(gated, plain)`` expert banks. Returns the MoE layer
     indices. Raises ``ValueError`` for a layer whose FFN layout upcycling does not support.
@@ -139,6 +140,7 @@ def install_moe_blocks(
             gated=layout.gated,
             experts_class=experts_classes[0] if layout.gated else experts_classes[1],
         )
+    link_gating_residuals([layers[index].mlp for index in indices])
     declare_expert_parallel_plan(decoder)
     return indices
 
