@@ -31,10 +31,7 @@ file takes about 2 minutes on 2 CPU cores.
 """
 
 import json
-import os
 import runpy
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -61,6 +58,15 @@ import moe_zoo
 from moe_zoo.peft import MixLoraConfig
 from moe_zoo.training.moe_tuning import MoeLlavaCollator, build_dense_moe_llava
 from moe_zoo.training.routing_stats import RoutingStatsTrainer, router_loss_term
+from tests.distributed_launch import (
+    check_launch_kind,
+    compare_counts,
+    compare_logs,
+    fsdp_arguments,
+    logged_steps,
+    torchrun,
+    train_options,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIXLORA_SCRIPT = REPO_ROOT / "training_scripts" / "train_lora_experts.py"
@@ -76,60 +82,6 @@ ROUTER_LOSS_LOGIT_ATOL = 1e-3
 MODES = ("ddp", "fsdp")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(script: Path, argv: list[str], cwd: Path, extra: list[str] = ()) -> None:
-    """Run ``script`` in 2 processes on this machine (gloo on CPU), failing with the end of its output."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *argv, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-
-
-def _fsdp_arguments(folder: Path, layer_classes: list[str]) -> list[str]:
-    """transformers' FSDP options (FSDP2, full shard, each named transformer layer its own unit)."""
-    config = folder / "fsdp_config.json"
-    config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": layer_classes}))
-    return ["--fsdp", "--fsdp_config", str(config)]  # bare --fsdp: full shard, transformer-layer auto-wrap
-
-
-def _train_options(batch: int) -> list[str]:
-    return [
-        "--max_steps", str(STEPS), "--per_device_train_batch_size", str(batch), "--optim", "sgd",
-        "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", str(STEPS), "--seed", "0",
-        "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
-    ]  # fmt: skip
-
-
-def _steps(checkpoint: Path) -> list[dict]:
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    steps = [entry for entry in history if "loss" in entry]
-    assert [entry["step"] for entry in steps] == list(range(1, STEPS + 1))
-    return steps
-
-
-def _compare_logs(single: list[dict], distributed: list[dict], mode: str) -> None:
-    for one, many in zip(single, distributed, strict=True):
-        step = one["step"]
-        assert abs(one["loss"] - many["loss"]) <= LOSS_ATOL, (mode, step, one["loss"], many["loss"])
-        assert abs(one["aux_loss"] - many["aux_loss"]) <= AUX_ATOL, (mode, step, one["aux_loss"], many["aux_loss"])
-    # Step 1 routes the same tokens through the same weights: the global counts are the single process's.
-    assert single[0]["expert_load_max_ratio"] == distributed[0]["expert_load_max_ratio"], mode
-
-
-def _compare_counts(single: dict[str, list[float]], distributed: dict[str, list[float]], mode: str) -> None:
-    assert single.keys() == distributed.keys(), mode
-    for name, counts in single.items():
-        assert sum(distributed[name]) == sum(counts), (mode, name)  # every process's tokens, each counted once
-        worst = max(abs(a - b) for a, b in zip(counts, distributed[name], strict=True))
-        assert worst <= COUNT_ATOL, (mode, name, counts, distributed[name])
-
-
 def _compare_checkpoint_files(single: Path, distributed: Path, weights: str, mode: str) -> None:
     """The same tensors (names, shapes, dtypes) in the weight file, and the trained ones close."""
     with safe_open(single / weights, "pt") as a, safe_open(distributed / weights, "pt") as b:
@@ -137,17 +89,6 @@ def _compare_checkpoint_files(single: Path, distributed: Path, weights: str, mod
         for key in a.keys():
             x, y = a.get_tensor(key), b.get_tensor(key)
             assert x.shape == y.shape and x.dtype == y.dtype, (mode, key)
-
-
-def _check_launch_kind(checkpoint: Path, mode: str) -> None:
-    """A DDP checkpoint has the Trainer's optimizer file; FSDP's has accelerate's FSDP files (so the model was
-    sharded, not silently wrapped in DDP); both have one RNG state per process."""
-    names = {path.name for path in checkpoint.iterdir()}
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= names, (mode, names)
-    if mode == "fsdp":
-        assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= names, names
-    else:
-        assert "optimizer.pt" in names and "pytorch_model_fsdp.bin" not in names, names
 
 
 # --- MixLoRA: training_scripts/train_lora_experts.py ----------------------------------------------------------------
@@ -168,14 +109,20 @@ def mixlora_runs(tmp_path_factory, save_tiny_llm) -> dict[str, Path]:
     runs = {mode: root / mode for mode in ("single", *MODES)}
     old_argv = sys.argv
     try:
-        sys.argv = [str(MIXLORA_SCRIPT), *argv, *_train_options(GLOBAL_BATCH), "--output_dir", str(runs["single"])]
+        sys.argv = [
+            str(MIXLORA_SCRIPT),
+            *argv,
+            *train_options(GLOBAL_BATCH, STEPS),
+            "--output_dir",
+            str(runs["single"]),
+        ]
         runpy.run_path(str(MIXLORA_SCRIPT), run_name="__main__")
     finally:
         sys.argv = old_argv
-    half = [*argv, *_train_options(GLOBAL_BATCH // 2)]
-    _torchrun(MIXLORA_SCRIPT, [*half, "--output_dir", str(runs["ddp"])], root)
-    fsdp = _fsdp_arguments(root, ["LlamaDecoderLayer"])
-    _torchrun(MIXLORA_SCRIPT, [*half, "--output_dir", str(runs["fsdp"])], root, fsdp)
+    half = [*argv, *train_options(GLOBAL_BATCH // 2, STEPS)]
+    torchrun(MIXLORA_SCRIPT, [*half, "--output_dir", str(runs["ddp"])], root)
+    fsdp = fsdp_arguments(root, ["LlamaDecoderLayer"])
+    torchrun(MIXLORA_SCRIPT, [*half, "--output_dir", str(runs["fsdp"])], root, fsdp)
     return runs
 
 
@@ -184,13 +131,14 @@ def test_mixlora_ddp_and_fsdp_train_like_one_process(mixlora_runs):
     single = json.loads((single_dir / "run_results.json").read_text())
     for mode in MODES:
         run_dir = mixlora_runs[mode] / "mixlora"
-        _check_launch_kind(run_dir / f"checkpoint-{STEPS}", mode)
-        _compare_logs(_steps(single_dir / f"checkpoint-{STEPS}"), _steps(run_dir / f"checkpoint-{STEPS}"), mode)
+        check_launch_kind(run_dir / f"checkpoint-{STEPS}", mode)
+        single_steps = logged_steps(single_dir / f"checkpoint-{STEPS}", STEPS)
+        compare_logs(single_steps, logged_steps(run_dir / f"checkpoint-{STEPS}", STEPS), mode, LOSS_ATOL, AUX_ATOL)
         results = json.loads((run_dir / "run_results.json").read_text())
         assert abs(results["train_loss"] - single["train_loss"]) <= LOSS_ATOL, mode
         assert abs(results["heldout_loss"]["all"] - single["heldout_loss"]["all"]) <= LOSS_ATOL, mode
         assert results["trainable_parameters"] == single["trainable_parameters"], mode  # FSDP: global sizes
-        _compare_counts(single["expert_counts"], results["expert_counts"], mode)
+        compare_counts(single["expert_counts"], results["expert_counts"], mode, COUNT_ATOL)
         # results.json is written once, by the main process, and sums the comparison up as one process does
         summary = json.loads((mixlora_runs[mode] / "results.json").read_text())
         assert summary["runs"]["mixlora"]["expert_counts"] == results["expert_counts"], mode
@@ -255,11 +203,11 @@ def moe_llava_runs(tmp_path_factory, save_tiny_llm) -> dict[str, Path]:
     ]  # fmt: skip
     runs = {mode: root / mode for mode in ("single", *MODES)}
     main = runpy.run_path(str(MOE_TUNING_SCRIPT), run_name="moe_tuning_script")["main"]
-    main([*argv, *_train_options(GLOBAL_BATCH), "--output_dir", str(runs["single"])])
-    half = [*argv, *_train_options(GLOBAL_BATCH // 2)]
-    _torchrun(MOE_TUNING_SCRIPT, [*half, "--output_dir", str(runs["ddp"])], root)
-    fsdp = _fsdp_arguments(root, ["LlamaDecoderLayer", "CLIPEncoderLayer"])
-    _torchrun(MOE_TUNING_SCRIPT, [*half, "--output_dir", str(runs["fsdp"])], root, fsdp)
+    main([*argv, *train_options(GLOBAL_BATCH, STEPS), "--output_dir", str(runs["single"])])
+    half = [*argv, *train_options(GLOBAL_BATCH // 2, STEPS)]
+    torchrun(MOE_TUNING_SCRIPT, [*half, "--output_dir", str(runs["ddp"])], root)
+    fsdp = fsdp_arguments(root, ["LlamaDecoderLayer", "CLIPEncoderLayer"])
+    torchrun(MOE_TUNING_SCRIPT, [*half, "--output_dir", str(runs["fsdp"])], root, fsdp)
     return runs
 
 
@@ -269,11 +217,12 @@ def test_moe_llava_stage3_ddp_and_fsdp_train_like_one_process(moe_llava_runs):
     assert len(single_marker["expert_counts"]) == 2  # the two MoE layers' routers
     for mode in MODES:
         run_dir = moe_llava_runs[mode]
-        _check_launch_kind(run_dir / f"checkpoint-{STEPS}", mode)
-        _compare_logs(_steps(single_dir / f"checkpoint-{STEPS}"), _steps(run_dir / f"checkpoint-{STEPS}"), mode)
+        check_launch_kind(run_dir / f"checkpoint-{STEPS}", mode)
+        single_steps = logged_steps(single_dir / f"checkpoint-{STEPS}", STEPS)
+        compare_logs(single_steps, logged_steps(run_dir / f"checkpoint-{STEPS}", STEPS), mode, LOSS_ATOL, AUX_ATOL)
         marker = json.loads((run_dir / "moe_tuning_stage.json").read_text())
         assert marker["global_step"] == STEPS
-        _compare_counts(single_marker["expert_counts"], marker["expert_counts"], mode)
+        compare_counts(single_marker["expert_counts"], marker["expert_counts"], mode, COUNT_ATOL)
 
 
 def test_moe_llava_checkpoints_load_and_give_the_same_logits(moe_llava_runs):
@@ -323,7 +272,7 @@ REDUCTION_CHECK = textwrap.dedent(
 def test_window_means_and_sums_are_global_and_weighted(tmp_path):
     script = tmp_path / "reduction_check.py"
     script.write_text(REDUCTION_CHECK)
-    _torchrun(script, [], tmp_path)
+    torchrun(script, [], tmp_path)
 
 
 def test_the_router_loss_weighs_once_with_gradient_accumulation(tmp_path):

@@ -251,6 +251,18 @@ def test_router_logits_and_balance_loss_are_returned_and_added(model):
     torch.testing.assert_close(out.loss, plain.loss + out.aux_loss)
 
 
+def test_the_lm_loss_follows_the_trainers_num_items_in_batch(model):
+    """Given ``num_items_in_batch`` (the label tokens of a whole step, all processes and accumulation steps), the LM
+    loss is this batch's token sum over it, so that the Trainer can weigh batches by tokens; without it, the mean."""
+    ids, mask = pad([TEXT_ROW, IMAGE_ROW])
+    labels = ids.masked_fill(ids >= VOCAB, -100)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=images(1), labels=labels)
+    mean = model(**inputs).loss
+    tokens = int((labels[:, 1:] != -100).sum())
+    step_total = torch.tensor(3 * tokens)
+    torch.testing.assert_close(model(**inputs, num_items_in_batch=step_total).loss, mean * tokens / step_total)
+
+
 def original_modality_losses(router_logits, batch_size, spans, config):
     """A transcription of the original 8e loop (``llava_llama.py``): per layer and row, L1 of each modality's gates
     to its multi-hot target weighted by its share of the row, and the mean of ``1 - KL`` over the modality pairs."""

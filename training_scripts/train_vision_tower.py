@@ -12,6 +12,7 @@ has finished. The train/held-out split is ``moe_zoo.vision_tower.digits_split(se
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from moe_zoo.assets import cache_dir
@@ -41,9 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Train and save the tower; returns its metrics (``None`` in the non-main processes of a launcher).
+
+    The loop is a plain single-process one (a few seconds on CPU), not a Trainer. Under ``torchrun`` /
+    ``accelerate launch`` every process would train the same seeded tower and replace the folder in turn, so only
+    the main process (``RANK`` 0, which both launchers set) trains and writes it; the others return at once.
+    """
     args = parse_args(argv)
     output_dir = args.output_dir or cache_dir() / DIGITS_VISION_FOLDER
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     with atomic_directory(output_dir) as tmp:
         metrics = train_digits_vision_tower(
             tmp,

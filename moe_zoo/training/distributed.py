@@ -25,15 +25,18 @@ for every Trainer of :mod:`moe_zoo.training`:
    :func:`enable_fsdp_on_cpu`).
 
 Also here: :func:`reduce_unused_parameters` (FSDP2's counterpart of DDP's ``find_unused_parameters``, for
-processes that run different modules), and what recipes need around the Trainer: :func:`save_pretrained_once`,
-:func:`unsharded_copy` (a plain copy of an FSDP-trained model for post-processing) and :func:`broadcast_from_main`.
+processes that run different modules), :func:`plain_module_class` (FSDP checkpoints with the files a single
+process saves), and what recipes need around the Trainer:
+:func:`save_pretrained_once`, :func:`unsharded_copy` (a plain copy of an FSDP-trained model for post-processing)
+and :func:`broadcast_from_main`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +156,30 @@ def reduce_unused_parameters(model: torch.nn.Module) -> bool:
     return True
 
 
+@contextmanager
+def plain_module_class(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, ``model`` (an FSDP2 root module) has its own class again instead of FSDP2's subclass.
+
+    ``fully_shard`` swaps a module's class for a generated ``FSDP<Class>`` (bases ``FSDPModule`` and the class),
+    defined in a PyTorch module. ``save_pretrained`` of moe-zoo models exports their code and writes their model card
+    only for classes defined in moe-zoo's own modules (so that exported code, without moe-zoo, skips both), so a
+    checkpoint the Trainer saved under FSDP lacked both: not the folder a single process saves. Saving with the
+    plain class gives the same files; nothing FSDP-specific runs there (the Trainer hands ``save_pretrained`` the
+    gathered state dict, on the main process only). Anything but an FSDP2 module is left as it is.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = type(model)
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(base for base in wrapped.__bases__ if base is not FSDPModule)
+    try:
+        yield model
+    finally:
+        model.__class__ = wrapped
+
+
 def broadcast_from_main(value: Any) -> Any:
     """The main process's ``value`` (any picklable object) in every process; ``value`` itself when not
     distributed. A collective: every process calls it (the others' ``value`` is ignored)."""
@@ -220,6 +247,7 @@ class DistributedTrainer(Trainer):
 
     Subclasses say which part of the model's loss is a per-batch mean by overriding :meth:`batch_mean_loss_term`;
     this class returns none, so by itself it trains exactly like the ``Trainer`` (FSDP on CPU aside).
+
     """
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -234,6 +262,12 @@ class DistributedTrainer(Trainer):
             if self.is_fsdp_enabled and self.args.ddp_find_unused_parameters is not False:
                 reduce_unused_parameters(model)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``Trainer._save`` with the model's own class under FSDP2 (see :func:`plain_module_class`), so that an FSDP
+        checkpoint holds the same files (exported code, model card) as a single process's."""
+        with plain_module_class(self.model):
+            super()._save(output_dir, state_dict)
 
     def batch_mean_loss_term(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         """The part of ``outputs.loss`` that is a mean over this batch rather than a sum over label tokens divided
@@ -281,6 +315,7 @@ __all__ = [
     "broadcast_from_main",
     "distributed_ready",
     "enable_fsdp_on_cpu",
+    "plain_module_class",
     "reduce_unused_parameters",
     "save_pretrained_once",
     "unsharded_copy",

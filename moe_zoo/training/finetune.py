@@ -24,10 +24,11 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..atomic_io import atomic_write_text
 from ..core.options import parse_moe_layers
 from ..modeling.upcycled_moe import UpcycledMoeForCausalLM, upcycle
 from .callbacks import SelectionBiasCallback
-from .routing_stats import RoutingStatsTrainer
+from .routing_stats import RoutingStatsTrainer, max_load_ratio
 
 
 @dataclass
@@ -102,10 +103,27 @@ def build_model(args: UpcycleFinetuneArguments) -> tuple[UpcycledMoeForCausalLM,
     return model, tokenizer
 
 
+ROUTING_STATS_FILE = "routing_stats.json"
+
+
+def routing_summary(trainer: RoutingStatsTrainer) -> dict:
+    """What the routers did over the run: ``global_step``, each router's ``expert_counts`` (summed over processes,
+    so the global batches' counts in any number of processes; a resumed run counts from where it resumed) and
+    their ``expert_load_max_ratio``."""
+    counts = trainer.expert_counts
+    return {
+        "global_step": trainer.state.global_step,
+        "expert_counts": {name: values.tolist() for name, values in counts.items()},
+        "expert_load_max_ratio": max_load_ratio(list(counts.values())) if counts else None,
+    }
+
+
 def run(args: UpcycleFinetuneArguments, training_args: TrainingArguments) -> RoutingStatsTrainer:
-    """Upcycle, train (resuming when asked), save the final model and tokenizer into ``output_dir``. The trainer
-    is a :class:`RoutingStatsTrainer`: ``aux_loss`` and the expert load in its logs, reduced over processes and the
-    router loss weighted once under ``torchrun`` / ``accelerate launch``."""
+    """Upcycle, train (resuming when asked), save the final model and tokenizer into ``output_dir``, and the run's
+    expert counts into ``output_dir/routing_stats.json`` (:func:`routing_summary`). The trainer is a
+    :class:`RoutingStatsTrainer`: ``aux_loss`` and the expert load in its logs, reduced over processes and the
+    router loss weighted once under ``torchrun`` / ``accelerate launch``; the file is written by the main process
+    and holds the global counts."""
     model, tokenizer = build_model(args)
     dataset = load_examples(args.data_file, tokenizer, args.max_length)
     trainer = RoutingStatsTrainer(
@@ -129,4 +147,6 @@ def run(args: UpcycleFinetuneArguments, training_args: TrainingArguments) -> Rou
         ]
     }
     trainer.save_model()
+    if trainer.is_world_process_zero():
+        atomic_write_text(Path(training_args.output_dir) / ROUTING_STATS_FILE, json.dumps(routing_summary(trainer)))
     return trainer

@@ -656,6 +656,8 @@ def _train(
     output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
         marker = {**marker, "stage": stage, "global_step": trainer.state.global_step, "arguments": asdict(args)}
+        if isinstance(trainer, RoutingStatsTrainer) and trainer.expert_counts:  # stage 3: global, over processes
+            marker["expert_counts"] = {name: counts.tolist() for name, counts in trainer.expert_counts.items()}
         final.card_details = {"training_stages": [f"Uni-MoE stage {i}" for i in range(1, stage + 1)]}
         _save_final(final, processor, output_dir, marker)
     # The next stage reads this folder in every process: none goes on before the main one wrote it.

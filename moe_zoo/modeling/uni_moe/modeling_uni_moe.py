@@ -362,7 +362,10 @@ class UniMoeForConditionalGeneration(UniMoePreTrainedModel, GenerationMixin):
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            # **kwargs carries the Trainer's num_items_in_batch: the token sum over the whole step's label tokens, so
+            # that processes and accumulation steps weigh the LM loss as one process with the whole batch would.
+            vocab_size = self.config.text_config.vocab_size
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         routed = self.router_outputs(loss, routing, attention_mask, output_router_logits)
         if modality_losses and routing:
             extra = modality_routing_losses(routing, input_ids, attention_mask, self.config)
