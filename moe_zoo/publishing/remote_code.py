@@ -100,7 +100,11 @@ def _read_module(name: str) -> _ModuleExport:
         raise RemoteCodeExportError(f"module {name} not found")
     source = Path(spec.origin).read_text(encoding="utf-8")
     export = _ModuleExport(name, source)
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    # Imports inside a try block are optional (the code handles their absence); transformers' check_imports does
+    # not demand them of a downloading environment either.
+    optional = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.Try) for inner in ast.walk(node)}
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(_is_internal(alias.name) for alias in node.names):
             raise RemoteCodeExportError(
                 f"{name}: `import {node.names[0].name}` cannot be exported; use `from . import`"
@@ -109,7 +113,8 @@ def _read_module(name: str) -> _ModuleExport:
             continue
         target = _absolute(node, name, is_package=False)
         if not _is_internal(target) or target.startswith(NOT_EXPORTED):
-            if node.level == 0 and target.split(".")[0] not in ALLOWED_THIRD_PARTY and not _is_stdlib(target):
+            third_party = target.split(".")[0] not in ALLOWED_THIRD_PARTY and not _is_stdlib(target)
+            if node.level == 0 and third_party and id(node) not in optional:
                 raise RemoteCodeExportError(
                     f"{name} imports {target!r}, which a plain torch + transformers environment may lack"
                 )
