@@ -74,3 +74,21 @@ def test_the_suite_runs_every_part_and_summarises_the_targets(tmp_path):
     assert metis["parameters"]["metis_home"] > metis["parameters"]["dense"]  # one FFN per branch
     assert metis["results"]["dense"]["forward_vs_dense"] == 1.0
     assert len(metis["routed_branches"]) == metis["shape"]["batch"]
+
+
+def test_literature_options_benchmark_quick_mode_writes_json(tmp_path):
+    import bench_literature_options
+
+    output = tmp_path / "literature.json"
+    bench_literature_options.main(["--quick", "--output", str(output)])
+    report = json.loads(output.read_text())
+    results = report["results"]
+    assert {"dense", "moe (8 experts, top-2)", "pruned (EASY-EP, 4 of 8)", "bam (2 seeds, shared kv)"} <= set(results)
+    assert len(results) == 10
+    for name, timing in results.items():
+        for key in ("forward_ms", "forward_backward_ms", "forward_vs_moe", "forward_backward_vs_dense"):
+            assert math.isfinite(timing[key]) and timing[key] > 0, (name, key)
+    assert results["moe (8 experts, top-2)"]["forward_vs_moe"] == 1.0
+    # Pruning half the experts stores fewer parameters; the plain MoE stores more than its dense model.
+    assert results["pruned (EASY-EP, 4 of 8)"]["parameters"] < results["moe (8 experts, top-2)"]["parameters"]
+    assert results["moe (8 experts, top-2)"]["parameters"] > results["dense"]["parameters"]
