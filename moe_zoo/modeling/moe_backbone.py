@@ -85,10 +85,10 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     # In a try block: transformers' check_imports leaves those out, so the code a checkpoint carries (this module
     # is exported with it) does not demand DeepSpeed of users who never partition a model.
     try:
-        from deepspeed.zero import GatheredParameters
+        import deepspeed
     except ImportError as error:  # parameters with a ds_id come from DeepSpeed; it cannot be missing here
         raise ImportError("Gathering ZeRO-3 partitioned parameters needs the `deepspeed` package.") from error
-    with GatheredParameters(partitioned, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
 
 
