@@ -33,6 +33,7 @@ from .options import (
     resolve_moe_layers,
     validate_moe_options,
 )
+from .quantized_experts import ExpertQuantization, QuantizedExperts, quantize_experts
 from .recording import LayerRouting, collect_routing, report_routing
 from .routed_pairs import RoutedPairs, route_pairs
 from .routing import (
@@ -61,6 +62,7 @@ __all__ = [
     "ROUTER_TYPES",
     "ConstantExperts",
     "DenseToSparseRouter",
+    "ExpertQuantization",
     "GatedExperts",
     "GatedExpertsBase",
     "GatedCombine",
@@ -71,6 +73,7 @@ __all__ = [
     "PlainExperts",
     "PlainExpertsBase",
     "PlainMLP",
+    "QuantizedExperts",
     "Router",
     "RoutedPairs",
     "SparseMoeBlock",
@@ -88,6 +91,7 @@ __all__ = [
     "find_decoder_layers",
     "gshard_load_balancing_loss",
     "lora_experts_ffn",
+    "quantize_experts",
     "report_routing",
     "resolve_moe_layers",
     "route_pairs",

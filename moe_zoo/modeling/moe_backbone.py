@@ -27,6 +27,7 @@ from ..core.losses import router_aux_loss
 from ..core.options import resolve_moe_layers
 from ..core.routing import Router, TopAnyRouter
 from ..core.upcycle import copy_ffn_into_experts, copy_ffn_into_shared_expert, ffn_layout, find_decoder_layers
+from .quantized_loading import QuantizedExpertsMixin
 
 MOE_MODULE_TYPES = (GatedExpertsBase, PlainExpertsBase, Router, TopAnyRouter, ConstantExperts)
 """The moe_zoo modules that need moe_zoo's own initialisation."""
@@ -275,10 +276,11 @@ def _publishing_hooks(model) -> Any:
     return importlib.import_module("moe_zoo.publishing.hooks")
 
 
-class MoeModelMixin(PublishingMixin):
+class MoeModelMixin(QuantizedExpertsMixin, PublishingMixin):
     """What every moe_zoo ``PreTrainedModel`` with MoE blocks inside a backbone adds to transformers' behaviour.
 
     List it before the ``PreTrainedModel`` base: ``class XPreTrainedModel(MoeModelMixin, PreTrainedModel)``.
+    bitsandbytes loading quantizes its experts too (:mod:`moe_zoo.modeling.quantized_loading`).
     """
 
     # Routing decisions are discrete: keep routers (and the balancing bias) in fp32 when loading in fp16/bf16.

@@ -19,6 +19,8 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..core.quantized_experts import quantized_tensor_names
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -30,8 +32,17 @@ _TRAINING_ARGUMENT_DEFAULTS = {name: f.default for name, f in TrainingArguments.
 def set_trainable_by_patterns(model: nn.Module, patterns: Iterable[str], what: str = "this stage") -> list[str]:
     """Freeze every parameter of ``model`` except those whose name a pattern matches at its start (``re.match``);
     return the trainable names in the model's order. Raises ``ValueError`` when nothing matches (a silent run that
-    trains nothing would be worse), naming ``what`` asked for it."""
+    trains nothing would be worse), naming ``what`` asked for it, and when the set covers quantized weights
+    (a 4-/8-bit model's packed ``nn.Linear`` weights or expert banks), which cannot train."""
     compiled = [re.compile(p) for p in patterns]
+    frozen_by_quantization = [n for n in quantized_tensor_names(model) if any(p.match(n) for p in compiled)]
+    if frozen_by_quantization:
+        raise ValueError(
+            f"{what} trains {frozen_by_quantization[:4]} (and {max(len(frozen_by_quantization) - 4, 0)} more), which "
+            "are quantized (bitsandbytes 4-/8-bit) and cannot train. Load the model in full precision for this stage, "
+            "or keep the base quantized and train adapters on it (QLoRA with MixLoRA, SMoRA or PEFT LoRA, routers "
+            "included; see docs/quantization.md)."
+        )
     trainable = []
     for name, parameter in model.named_parameters():
         on = any(p.match(name) for p in compiled)

@@ -39,6 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from ...core.recording import collect_routing
 from ...core.upcycle import find_decoder_layers
 from ..moe_backbone import PublishingMixin
+from ..quantized_loading import QuantizedExpertsMixin
 from .branches import BranchedFFN, BranchSelection, branch_restoring_context_fn, branched_plan
 from .configuration_metis_home import MetisHomeConfig
 
@@ -177,7 +178,7 @@ def decoder_layers(model: PreTrainedModel, num_layers: int) -> nn.ModuleList:
     return find_decoder_layers(model.get_decoder(), num_layers)
 
 
-class MetisHomePreTrainedModel(PublishingMixin, PreTrainedModel):
+class MetisHomePreTrainedModel(QuantizedExpertsMixin, PublishingMixin, PreTrainedModel):
     config_class = MetisHomeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -186,6 +187,9 @@ class MetisHomePreTrainedModel(PublishingMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["router"]
+    # The same list, non-strict: transformers' quantizers skip these modules (bitsandbytes would quantize the router's
+    # nn.Linear layers); the strict list above already keeps the router in fp32 at every dtype.
+    _keep_in_fp32_modules = ["router"]
     _can_compile_fullgraph = False  # the branch of each row is data-dependent
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -36,6 +35,7 @@ from ...core.experts import group_by_expert
 from ...core.gated_combine import GatedCombine
 from ...core.lora_experts import LoraProjection, lora_experts_ffn
 from ...core.options import MoeOptions
+from ...core.quantized_experts import dense_weight, frozen_linear, is_quantized_linear
 from ...core.recording import report_routing
 from ...core.routing import Router, RouterOutput, TopKRouter, TopPRouter
 from .config import MixLoraConfig
@@ -261,7 +261,8 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
             getattr(self, f"lora_B_{name}")[adapter_name] = nn.Parameter(lora_b)
             if config.use_dora:
                 with torch.no_grad():
-                    norms = [dora_weight_norm(base.weight, a, b, scaling) for a, b in zip(lora_a, lora_b, strict=True)]
+                    weight = dense_weight(base)  # dequantized once here for a bitsandbytes (QLoRA) base
+                    norms = [dora_weight_norm(weight, a, b, scaling) for a, b in zip(lora_a, lora_b, strict=True)]
                 getattr(self, f"lora_magnitude_{name}")[adapter_name] = nn.Parameter(torch.stack(norms))
         dropout = config.expert_dropout
         self.expert_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -280,6 +281,12 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         """Nothing to undo: MixLoRA FFNs are never merged."""
 
     @property
+    def quantized_base(self) -> bool:
+        """Whether the frozen FFN's projections are bitsandbytes layers (a QLoRA base)."""
+        names = (*self.layout.input_projections, self.layout.output_projection)
+        return any(is_quantized_linear(getattr(self.base_layer, name)) for name in names)
+
+    @property
     def activation(self) -> Activation:
         return getattr(self.base_layer, self.layout.activation)
 
@@ -287,7 +294,7 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         """``||W + s B_e A_e||`` per output feature of one expert's projection (DoRA's denominator)."""
         lora_a = getattr(self, f"lora_A_{projection}")[adapter][expert]
         lora_b = getattr(self, f"lora_B_{projection}")[adapter][expert]
-        weight = getattr(self.base_layer, projection).weight
+        weight = dense_weight(getattr(self.base_layer, projection))
         return dora_weight_norm(weight, lora_a, lora_b, self.expert_scaling[adapter])
 
     def _lora_delta(self, adapter: str, projection: str, expert: int, x: torch.Tensor) -> torch.Tensor:
@@ -311,8 +318,9 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         return scale.to(product.dtype) * product
 
     def _frozen_product(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The frozen ``W x`` of projection ``name``, without its bias (added by the caller where it belongs)."""
-        return F.linear(x, getattr(self.base_layer, name).weight)
+        """The frozen ``W x`` of projection ``name``, without its bias (added by the caller where it belongs); through
+        bitsandbytes' own matmul when the base FFN is quantized (QLoRA)."""
+        return frozen_linear(getattr(self.base_layer, name), x)
 
     def _with_bias(self, name: str, product: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
         """``product + b`` (or ``product + b * times`` with ``times (n, 1)``) for projection ``name``."""
@@ -350,8 +358,10 @@ class MixLoraFeedForward(nn.Module, BaseTunerLayer):
         """All routed pairs at once through the core's LoRA-expert kernel (frozen projections once per token).
 
         DoRA experts rescale each expert's projection by its own ``m_e / ||W + s B_e A_e||``, which the kernel does
-        not model: they take :meth:`_fused_dora`, the same algebra looping over experts."""
-        if self.use_dora[adapter]:
+        not model: they take :meth:`_fused_dora`, the same algebra looping over experts. So does a quantized
+        (bitsandbytes 4-/8-bit, QLoRA) base FFN, whose packed weights the kernel cannot read: the loop runs each frozen
+        projection through the quantized layer's own matmul, still once per token for the input projections."""
+        if self.use_dora[adapter] or self.quantized_base:
             return self._fused_dora(adapter, x, weights, indices)
         dropout = self.expert_dropout[adapter]
         return lora_experts_ffn(

@@ -70,11 +70,8 @@ class SmoraModel(LoraModel):
                 "adapts torch.nn.Linear layers only; remove it from `target_modules` (or add it to "
                 "`exclude_modules`)."
             )
-        if kwargs.get("loaded_in_8bit") or kwargs.get("loaded_in_4bit"):
-            raise ValueError(
-                "SMoRA does not support 8-bit or 4-bit quantized base models yet (nor does the original): load the base "
-                "model without `quantization_config`."
-            )
+        # A bitsandbytes Linear4bit / Linear8bitLt base (QLoRA) works as is: SmoraLinear runs the frozen base layer
+        # itself and adds the rank experts' delta in full precision (tests/test_qlora.py).
         return SmoraLinear(target, adapter_name, config=lora_config, **kwargs)
 
     def _merge_error(self) -> NotImplementedError:
