@@ -9,6 +9,10 @@
     python training_scripts/moe_tuning.py --stage 2 --init_model runs/s1 --data_file train.jsonl --output_dir runs/s2
     python training_scripts/moe_tuning.py --stage 3 --init_model runs/s2 --data_file train.jsonl --output_dir runs/s3
 
+    # QLoRA: stage 3 on a 4-bit base (LoRA on the quantized weights, routers in fp32), saved merged in fp32
+    python training_scripts/moe_tuning.py --stage 3 --init_model runs/s2 --data_file train.jsonl --output_dir runs/s3 \
+        --load_in_4bit true --qlora_rank 8 --learning_rate 2e-4
+
 ``--data_file`` is a JSONL of ``{"image": path, "question": str, "answer": str}`` (or ``"messages"`` in chat format);
 relative image paths are resolved against ``--image_root`` (default: the file's folder). ``--stage{1,2,3}_data_file``
 give a stage its own data in ``--all_stages`` runs. Every Trainer option works; ``--learning_rate`` left unset

@@ -16,7 +16,10 @@ precision. :class:`QuantizedExperts` replaces such a bank:
 - biases (Phi's ``up_proj_bias`` / ``down_proj_bias``) stay full-precision parameters.
 
 Quantized experts are frozen (their buffers carry no gradient); the input and the routing weights still get theirs,
-so routers, norms and LoRA adapters train on top (QLoRA).
+so routers, norms and LoRA adapters train on top (QLoRA). :meth:`QuantizedExperts.add_lora` gives every expert its own
+LoRA factors on each projection (MoE-tuning's QLoRA mode, :mod:`moe_zoo.training.qlora`), which train while the
+packed weights stay as they are, and :meth:`QuantizedExperts.to_full_precision` merges them onto the dequantized
+weights.
 
 bitsandbytes is imported lazily (:func:`require_bitsandbytes`): importing moe_zoo never needs it, and asking for
 quantized experts without it raises an ``ImportError`` that names the package.
@@ -196,10 +199,46 @@ class QuantizedProjection(nn.Module):
         )
         return functional.dequantize_4bit(self.packed[expert].reshape(-1, 1), state)
 
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """Give every expert its own LoRA pair (QLoRA on the bank): ``lora_A (E, rank, in)`` (Kaiming-uniform, as
+        PEFT initialises ``lora_A``) and ``lora_B (E, out, rank)`` zero, scaled by ``alpha / rank``; expert ``e``
+        then computes ``x @ (W_e + s * B_e A_e).T`` with ``W_e`` dequantized. Only the two factors train."""
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        if self.lora_rank:
+            raise ValueError("This quantized projection already has LoRA factors.")
+        device = next(iter(self.buffers())).device
+        lora_a = torch.empty(self.num_experts, rank, self.in_features, device=device)
+        for expert in range(self.num_experts):
+            nn.init.kaiming_uniform_(lora_a[expert], a=5**0.5)
+        self.lora_A = nn.Parameter(lora_a)
+        self.lora_B = nn.Parameter(torch.zeros(self.num_experts, self.out_features, rank, device=device))
+        self.lora_scaling = alpha / rank
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of the per-expert LoRA factors, 0 without them."""
+        lora_a = getattr(self, "lora_A", None)
+        return 0 if lora_a is None else lora_a.shape[1]
+
+    def lora_delta(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert ``expert``'s ``(out, in)`` LoRA update ``s * B_e A_e`` (what merging adds to its weight)."""
+        return (self.lora_scaling * self.lora_B[expert] @ self.lora_A[expert]).to(dtype)
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_e.T`` (plus the LoRA path ``s * (x @ A_e.T) @ B_e.T`` when the projection has LoRA factors),
+        the frozen weight dequantized and never saved for backward."""
+        out = dequantized_linear(x, lambda: self.dequantize(expert))
+        if not self.lora_rank:
+            return out
+        lora_a, lora_b = self.lora_A[expert].to(x.dtype), self.lora_B[expert].to(x.dtype)
+        return out + self.lora_scaling * ((x @ lora_a.t()) @ lora_b.t())
+
     def extra_repr(self) -> str:
+        lora = f", lora_rank={self.lora_rank}" if self.lora_rank else ""
         return (
             f"num_experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}, "
-            f"quant_type={self.spec.quant_type}, double_quant={self.spec.double_quant}"
+            f"quant_type={self.spec.quant_type}, double_quant={self.spec.double_quant}{lora}"
         )
 
 
@@ -269,8 +308,14 @@ class QuantizedExperts(nn.Module):
         quantized.source = (type(bank), getattr(bank, "config", None))
         return quantized
 
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """Per-expert LoRA factors on every projection (:meth:`QuantizedProjection.add_lora`)."""
+        for _, projection in self.projections():
+            projection.add_lora(rank, alpha)
+
     def to_full_precision(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The full-precision bank this one was made from (its own class and config), with the dequantized weights."""
+        """The full-precision bank this one was made from (its own class and config), with the dequantized weights;
+        projections with LoRA factors get them merged in (``W_e + s * B_e A_e``, onto the dequantized ``W_e``)."""
         if self.source is None:
             raise ValueError(
                 "This QuantizedExperts was not made from a full-precision bank; build it with from_bank()."
@@ -280,7 +325,15 @@ class QuantizedExperts(nn.Module):
             bank = bank_class(config, self.num_experts, self.hidden_dim, self.intermediate_dim, "silu")
         bank.act_fn = self.act_fn
         for name, projection in self.projections():
-            weight = torch.stack([projection.dequantize(e, dtype) for e in range(self.num_experts)])
+            if projection.lora_rank:
+                with torch.no_grad():
+                    experts = [
+                        projection.dequantize(e, torch.float32) + projection.lora_delta(e)
+                        for e in range(self.num_experts)
+                    ]
+            else:
+                experts = [projection.dequantize(e, dtype) for e in range(self.num_experts)]
+            weight = torch.stack(experts).to(dtype)
             setattr(bank, name, nn.Parameter(weight))
         for name in ("up_proj_bias", "down_proj_bias"):
             if getattr(self, name) is not None:
@@ -307,7 +360,7 @@ class QuantizedExperts(nn.Module):
 
     def _project(self, name: str, expert: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         projection: QuantizedProjection = getattr(self, name)
-        out = dequantized_linear(x, lambda: projection.dequantize(expert))
+        out = projection.forward_expert(expert, x)
         return out if bias is None else out + bias[expert].to(out.dtype)
 
     def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -399,7 +452,11 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
     functional = require_bitsandbytes()
     weight = linear.weight
     if type(weight).__name__ == "Int8Params":
-        return functional.int8_vectorwise_dequant(weight.data, weight.SCB).to(torch.float32)
+        # the row scales live on the weight until the first forward, which moves them to the layer's matmul state
+        scales = weight.SCB if weight.SCB is not None else getattr(getattr(linear, "state", None), "SCB", None)
+        if scales is None:
+            raise ValueError("This Linear8bitLt has no row scales (SCB) to dequantize its weight with.")
+        return functional.int8_vectorwise_dequant(weight.data, scales).to(torch.float32)
     if getattr(weight.quant_state, "packing_format_for_cpu", False):
         raise ValueError(
             "This Linear4bit's weight was repacked for bitsandbytes' CPU inference kernel (an eval forward without "

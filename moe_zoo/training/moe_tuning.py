@@ -19,6 +19,11 @@ the ``Trainer``, and save model and processor into ``output_dir`` (loadable with
 ``AutoProcessor`` after ``import moe_zoo``). A stopped stage continues where it stopped with
 ``resume_from_checkpoint`` (``True``/``"true"``: the last checkpoint in ``output_dir``, or a checkpoint path).
 :func:`run_all_stages` chains the three into ``output_dir/stage{1,2,3}``.
+
+QLoRA mode (``MoeTuningArguments.load_in_4bit`` / ``load_in_8bit``, ``qlora_rank``): a stage trains its set on a
+bitsandbytes base, LoRA on the quantized weights it covers (per-expert LoRA on the expert banks) and its
+full-precision parameters directly, and saves the LoRA merged onto the dequantized base as a full-precision folder
+(:mod:`moe_zoo.training.qlora`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import prepare_model_for_kbit_training
 from PIL import Image
 from transformers import (
     AddedToken,
@@ -42,6 +48,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -59,6 +66,7 @@ from ..modeling.moe_llava import (
     MoeLlavaProcessor,
     upcycle_moe_llava,
 )
+from .qlora import merge_qlora, quantize_in_memory, show_adapters_to_trainer
 from .routing_stats import RoutingStatsTrainer
 from .stage_utils import (
     IGNORE_INDEX,
@@ -102,6 +110,9 @@ STAGE_TRAINABLE: dict[int, tuple[str, ...]] = {
 DEFAULT_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-5}
 """The original scripts' learning rates, used when ``TrainingArguments.learning_rate`` is left at its default."""
 
+DEFAULT_QLORA_RANK = 8
+"""The LoRA rank of a QLoRA stage (``load_in_4bit`` / ``load_in_8bit``) when ``qlora_rank`` is not set."""
+
 
 def _check_stage(stage: int) -> int:
     if stage not in STAGE_TRAINABLE:
@@ -109,9 +120,16 @@ def _check_stage(stage: int) -> int:
     return int(stage)
 
 
-def set_trainable(model: MoeLlavaForConditionalGeneration, stage: int) -> list[str]:
+def set_trainable(
+    model: MoeLlavaForConditionalGeneration,
+    stage: int,
+    qlora_rank: int | None = None,
+    qlora_alpha: float | None = None,
+) -> list[str]:
     """Freeze ``model`` except what MoE-tuning ``stage`` trains (see :data:`STAGE_TRAINABLE`); return the names of
-    the trainable parameters, in the model's order.
+    the trainable parameters, in the model's order. On a quantized model the set needs ``qlora_rank`` (QLoRA: LoRA
+    on the quantized weights it covers, the rest of it trained directly; see
+    :func:`~moe_zoo.training.stage_utils.set_trainable_by_patterns`).
 
     Stage 3 needs the upcycled model: a model without MoE blocks raises ``ValueError``.
     """
@@ -121,7 +139,9 @@ def set_trainable(model: MoeLlavaForConditionalGeneration, stage: int) -> list[s
             "Stage 3 trains the upcycled model, but this model has no MoE layer; upcycle the stage-2 model with "
             "moe_zoo.upcycle_moe_llava first."
         )
-    return set_trainable_by_patterns(model, STAGE_TRAINABLE[stage], f"MoE-tuning stage {stage}")
+    return set_trainable_by_patterns(
+        model, STAGE_TRAINABLE[stage], f"MoE-tuning stage {stage}", qlora_rank=qlora_rank, qlora_alpha=qlora_alpha
+    )
 
 
 # --- stage I's model: pretrained vision tower + pretrained LLM + fresh projector ------------------------------------
@@ -506,11 +526,66 @@ class MoeTuningArguments:
     router_second_expert_gumbel: bool = field(
         default=False, metadata={"help": "DeepSpeed's random second expert (the original's gate, at inference too)."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: train the stage on a bitsandbytes 4-bit base (nn.Linear layers and expert banks); its "
+            "quantized weights get LoRA of rank qlora_rank, the rest of its trainable set trains directly, and the "
+            "saved model is the merged full-precision one."
+        },
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "QLoRA on an 8-bit (LLM.int8) base instead."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "4-bit: quantize the absmax statistics too (QLoRA's double quantization)."}
+    )
+    qlora_rank: int | None = field(
+        default=None, metadata={"help": "QLoRA: LoRA rank on the quantized weights (default 8 when quantized)."}
+    )
+    qlora_alpha: float | None = field(
+        default=None, metadata={"help": "QLoRA: LoRA alpha (scaling alpha / rank); default 2 * qlora_rank."}
+    )
 
     def __post_init__(self):
         _check_stage(self.stage)
         if self.conversation is not None and self.conversation not in ("chat", "plain"):
             raise ValueError(f"conversation must be 'chat', 'plain' or None, got {self.conversation!r}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Set one of load_in_4bit and load_in_8bit, not both.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}.")
+        if self.qlora_rank is not None and self.qlora_rank < 1:
+            raise ValueError(f"qlora_rank must be >= 1, got {self.qlora_rank}.")
+        if self.qlora_alpha is not None and self.qlora_alpha <= 0:
+            raise ValueError(f"qlora_alpha must be > 0, got {self.qlora_alpha}.")
+        if (self.qlora_rank is not None or self.qlora_alpha is not None) and not self.qlora:
+            raise ValueError(
+                "qlora_rank / qlora_alpha train LoRA on a quantized base: set load_in_4bit or load_in_8bit too (or "
+                "drop them to train the stage in full precision)."
+            )
+
+    @property
+    def qlora(self) -> bool:
+        """Whether the stage trains QLoRA-style on a quantized base."""
+        return self.load_in_4bit or self.load_in_8bit
+
+    @property
+    def resolved_qlora_rank(self) -> int | None:
+        """The LoRA rank of a QLoRA stage (8 unless set), None for a full-precision one."""
+        return (self.qlora_rank or DEFAULT_QLORA_RANK) if self.qlora else None
+
+    def quantization_config(self) -> BitsAndBytesConfig | None:
+        """The ``BitsAndBytesConfig`` a QLoRA stage loads its model with (fp32 compute), None otherwise."""
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        if self.load_in_4bit:
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype=torch.float32,
+            )
+        return None
 
     @property
     def resolved_conversation(self) -> str:
@@ -577,7 +652,13 @@ def prepare_stage_model(
         if stage == 3:
             model = upcycle_moe_llava(model, **args.moe_options())
             model.config.output_router_logits = True
-    trainable = set_trainable(model, stage)
+    if args.qlora:
+        # Quantize what this stage built or upcycled in full precision, then prepare it for k-bit training as PEFT
+        # does (frozen, non-quantized half-precision parameters upcast); run_stage enables input gradients when
+        # the Trainer checkpoints activations.
+        model = quantize_in_memory(model, args.quantization_config(), AutoModelForImageTextToText)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    trainable = set_trainable(model, stage, args.resolved_qlora_rank, args.qlora_alpha)
     counts = [sum(p.numel() for n, p in model.named_parameters() if n in trainable), model.num_parameters()]
     logger.info("MoE-tuning stage %d: %d of %d parameters train (%d tensors)", stage, *counts, len(trainable))
     return model, processor
@@ -617,11 +698,17 @@ def run_stage(
     run's expert counts in stage III) into ``training_args.output_dir``. ``train_dataset`` holds raw examples for
     :class:`MoeLlavaCollator` (a list of dicts or a ``datasets.Dataset``). Returns the Trainer."""
     training_args = stage_training_arguments(training_args, args.stage)
+    if args.qlora and wants_resume(training_args.resume_from_checkpoint) is not False:
+        raise ValueError(
+            "A QLoRA stage (load_in_4bit / load_in_8bit) cannot resume: restoring a Trainer checkpoint's packed "
+            "4-/8-bit weights into a quantized model is not implemented. Start the stage over."
+        )
     resume = resume_point(training_args.resume_from_checkpoint, training_args.output_dir, required=True)
     model, processor = prepare_stage_model(args, seed=training_args.seed)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: keep a graph through checkpointed layers
     collator = MoeLlavaCollator(processor, args.max_length, args.resolved_conversation)
+    hide_adapters = show_adapters_to_trainer(model) if args.qlora else None  # the Trainer's quantization check
     trainer = RoutingStatsTrainer(
         model=model,
         args=training_args,
@@ -631,7 +718,12 @@ def run_stage(
         processing_class=processor,
         callbacks=list(callbacks or []),
     )
+    if hide_adapters is not None:
+        hide_adapters()
     trainer.train(resume_from_checkpoint=resume)
+    if args.qlora:  # the stage's output is a full model folder: LoRA merged onto the dequantized base
+        model = merge_qlora(model)
+        trainer.model = trainer.model_wrapped = model
     model.card_details = {"training_stages": [MOE_TUNING_STAGES[i] for i in range(1, args.stage + 1)]}
     trainer.save_model()  # the model, its card and the processor (the Trainer's processing_class), main process only
     if trainer.is_world_process_zero():
@@ -725,6 +817,7 @@ def answer_questions(
 
 __all__ = [
     "DEFAULT_LEARNING_RATES",
+    "DEFAULT_QLORA_RANK",
     "STAGE_MARKER",
     "STAGE_TRAINABLE",
     "MoeLlavaCollator",

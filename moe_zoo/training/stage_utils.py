@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..core.quantized_experts import quantized_tensor_names
+from .qlora import add_qlora_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -29,28 +30,43 @@ IGNORE_INDEX = -100
 _TRAINING_ARGUMENT_DEFAULTS = {name: f.default for name, f in TrainingArguments.__dataclass_fields__.items()}
 
 
-def set_trainable_by_patterns(model: nn.Module, patterns: Iterable[str], what: str = "this stage") -> list[str]:
+def set_trainable_by_patterns(
+    model: nn.Module,
+    patterns: Iterable[str],
+    what: str = "this stage",
+    qlora_rank: int | None = None,
+    qlora_alpha: float | None = None,
+) -> list[str]:
     """Freeze every parameter of ``model`` except those whose name a pattern matches at its start (``re.match``);
     return the trainable names in the model's order. Raises ``ValueError`` when nothing matches (a silent run that
     trains nothing would be worse), naming ``what`` asked for it, and when the set covers quantized weights
-    (a 4-/8-bit model's packed ``nn.Linear`` weights or expert banks), which cannot train."""
+    (a 4-/8-bit model's packed ``nn.Linear`` weights or expert banks), which cannot train.
+
+    With ``qlora_rank`` (QLoRA, the model quantized) the set is realised on the quantized model instead
+    (:func:`~moe_zoo.training.qlora.add_qlora_adapters`): its full-precision parameters train directly and each
+    quantized weight it covers gets LoRA of that rank (``qlora_alpha``, default ``2 * qlora_rank``), whose factors
+    train. Asking for QLoRA on a model without quantized weights raises ``ValueError``."""
+    patterns = list(patterns)
     compiled = [re.compile(p) for p in patterns]
+    if qlora_rank is not None:
+        add_qlora_adapters(model, compiled, qlora_rank, qlora_alpha if qlora_alpha is not None else 2 * qlora_rank)
     frozen_by_quantization = [n for n in quantized_tensor_names(model) if any(p.match(n) for p in compiled)]
-    if frozen_by_quantization:
+    if frozen_by_quantization and qlora_rank is None:
         raise ValueError(
             f"{what} trains {frozen_by_quantization[:4]} (and {max(len(frozen_by_quantization) - 4, 0)} more), which "
             "are quantized (bitsandbytes 4-/8-bit) and cannot train. Load the model in full precision for this stage, "
-            "or keep the base quantized and train adapters on it (QLoRA with MixLoRA, SMoRA or PEFT LoRA, routers "
-            "included; see docs/quantization.md)."
+            "or keep the base quantized and train adapters on it (QLoRA: MoE-tuning's qlora_rank, MixLoRA, SMoRA or "
+            "PEFT LoRA, routers included; see docs/quantization.md)."
         )
     trainable = []
     for name, parameter in model.named_parameters():
-        on = any(p.match(name) for p in compiled)
+        # QLoRA: the packed weights the set covers stay frozen, their LoRA factors (matched by name) train instead
+        on = any(p.match(name) for p in compiled) and parameter.is_floating_point()
         parameter.requires_grad_(on)
         if on:
             trainable.append(name)
     if not trainable:
-        raise ValueError(f"No parameter of {type(model).__name__} matches {what}'s trainable set {list(patterns)}.")
+        raise ValueError(f"No parameter of {type(model).__name__} matches {what}'s trainable set {patterns}.")
     return trainable
 
 
