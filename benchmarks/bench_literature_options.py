@@ -26,27 +26,21 @@ import copy
 from pathlib import Path
 
 import torch
-from timing import add_machine_options, environment, interleaved_step_medians, run_measured, write_report
-from transformers import LlamaConfig, LlamaForCausalLM
+from timing import (
+    add_machine_options,
+    environment,
+    forward_step,
+    interleaved_step_medians,
+    run_measured,
+    smollm2_width_llama,
+    write_report,
+)
 
 import moe_zoo
 from moe_zoo.analysis import easy_ep_prune
 from moe_zoo.core.residual_experts import add_residual_experts, freeze_all_but_residuals
 
 BASE = dict(num_experts=8, num_experts_per_tok=2, moe_layers="all")
-
-
-def _dense(hidden: int, intermediate: int, layers: int, vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 192),
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _moe(dense, **options):
@@ -75,14 +69,6 @@ def variants(dense, batch: dict) -> dict[str, torch.nn.Module]:
     return models
 
 
-def _forward(model, batch: dict):
-    def step() -> None:
-        with torch.no_grad():
-            model(**batch)
-
-    return step
-
-
 def _forward_backward(model, batch: dict):
     def step() -> None:
         model.train()
@@ -94,12 +80,12 @@ def _forward_backward(model, batch: dict):
 
 
 def run(hidden: int, intermediate: int, layers: int, vocab: int, batch: int, tokens: int, repeats: int) -> dict:
-    dense = _dense(hidden, intermediate, layers, vocab)
+    dense = smollm2_width_llama(hidden, intermediate, layers, vocab)
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     models = variants(dense, inputs)
     steps = {
-        name: {"forward_ms": _forward(model, inputs), "forward_backward_ms": _forward_backward(model, inputs)}
+        name: {"forward_ms": forward_step(model, inputs), "forward_backward_ms": _forward_backward(model, inputs)}
         for name, model in models.items()
     }
     results = interleaved_step_medians(steps, repeats)

@@ -24,33 +24,22 @@ import argparse
 from pathlib import Path
 
 import torch
-from timing import add_machine_options, environment, interleaved_step_medians, run_measured, write_report
-from transformers import LlamaConfig, LlamaForCausalLM
+from timing import (
+    add_machine_options,
+    environment,
+    forward_step,
+    interleaved_step_medians,
+    run_measured,
+    smollm2_width_llama,
+    write_report,
+)
 
 import moe_zoo
 
 
 def _models(hidden: int, intermediate: int, layers: int, vocab: int):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 192),
-        tie_word_embeddings=True,
-    )
-    dense = LlamaForCausalLM(config).eval()
+    dense = smollm2_width_llama(hidden, intermediate, layers, vocab, tie_word_embeddings=True)
     return dense, moe_zoo.expand_to_metis_home(dense).eval()
-
-
-def _forward(model, batch: dict, **options):
-    def step() -> None:
-        with torch.no_grad():
-            model(**batch, **options)
-
-    return step
 
 
 def _train_step(model, batch: dict, **options):
@@ -85,19 +74,19 @@ def run(
     mixed = torch.arange(batch) % 2
     steps = {
         "dense": {
-            "forward_ms": _forward(dense, prompts),
+            "forward_ms": forward_step(dense, prompts),
             "train_step_ms": _train_step(dense, {**prompts, "labels": labels}),
             "prefill_ms": _generate(dense, prompts, 1),
             "generate_ms": _generate(dense, prompts, new_tokens),
         },
         "metis_home[forced branch]": {
-            "forward_ms": _forward(metis, prompts, branch="thinking"),
+            "forward_ms": forward_step(metis, prompts, branch="thinking"),
             "prefill_ms": _generate(metis, prompts, 1, branch="thinking"),
             "generate_ms": _generate(metis, prompts, new_tokens, branch="thinking"),
         },
-        "metis_home[mixed branches]": {"forward_ms": _forward(metis, prompts, branch=mixed)},
+        "metis_home[mixed branches]": {"forward_ms": forward_step(metis, prompts, branch=mixed)},
         "metis_home[routed]": {
-            "forward_ms": _forward(metis, prompts),
+            "forward_ms": forward_step(metis, prompts),
             "train_step_ms": _train_step(metis, {**prompts, "labels": labels, "branch_labels": mixed}),
             "prefill_ms": _generate(metis, prompts, 1),
             "generate_ms": _generate(metis, prompts, new_tokens),

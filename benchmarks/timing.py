@@ -37,6 +37,33 @@ def forward_steps(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], 
     return {"forward_ms": forward, "forward_backward_ms": forward_backward}
 
 
+def forward_step(model: nn.Module, batch: dict, **options) -> Callable[[], None]:
+    """A step that runs ``model(**batch, **options)`` without gradients (a whole model's forward, by keywords)."""
+
+    def step() -> None:
+        with torch.no_grad():
+            model(**batch, **options)
+
+    return step
+
+
+def smollm2_width_llama(hidden: int, intermediate: int, layers: int, vocab: int, **config) -> nn.Module:
+    """A seeded Llama in eval mode with SmolLM2-135M's head layout at the given width (64-wide heads, a key-value
+    head per three query heads), which the model-level benchmarks share."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    options = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 192),
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**options, **config})).eval()
+
+
 def saved_for_backward_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct tensor storages autograd keeps for the backward of one forward (parameters excluded):
     the activation memory of a training step, measurable on CPU, where torch keeps no peak-memory counter."""

@@ -63,8 +63,9 @@ class ExpertOutputMixer(nn.Module):
     def forward(self, attention_output: torch.Tensor) -> torch.Tensor:
         if self.mixing is None:
             raise RuntimeError("ExpertOutputMixer ran outside SoftMixtureOfAttention.forward (no routing weights).")
-        order = self.head_order.to(attention_output.device)
-        heads = attention_output.unflatten(-1, (-1, self.head_dim)).index_select(-2, order)
+        if self.head_order.device != attention_output.device:  # moved once, not on every forward
+            self.head_order = self.head_order.to(attention_output.device)
+        heads = attention_output.unflatten(-1, (-1, self.head_dim)).index_select(-2, self.head_order)
         per_expert = heads.flatten(-2).unflatten(-1, (self.num_experts, -1))  # (..., N, h * d), expert-major
         outputs = torch.einsum("...nk,nhk->...nh", per_expert, self.weight)
         if self.bias is not None:
