@@ -59,6 +59,12 @@ class ResidualExpertWeight(nn.Module):
         factors cannot represent an arbitrary value, so assignments are refused except at registration)."""
         if self.rank is None:
             return value - self.core
+        if getattr(self, "_registered", False):
+            raise ValueError(
+                "Low-rank residual experts cannot take an assigned weight (B A cannot represent it); merge them "
+                "first (merge_residual_experts) or use full residuals (rank=None)."
+            )
+        self._registered = True  # the one call register_parametrization makes
         return value.new_zeros(0)
 
 

@@ -100,6 +100,10 @@ def test_bad_requests_are_refused():
     add_residual_experts(moe)
     with pytest.raises(ValueError, match="already has residual experts"):
         add_residual_experts(moe)
+    low_rank = add_residual_experts(_moe(), rank=2)
+    bank = low_rank.moe_blocks()[0].experts
+    with pytest.raises(ValueError, match="cannot take an assigned weight"):
+        bank.gate_up_proj = torch.zeros_like(bank.gate_up_proj)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="no moe_zoo MoE block"):
         add_residual_experts(AutoModelForCausalLM.from_config(LlamaConfig(**TEXT)))
