@@ -20,7 +20,14 @@ elementwise passes over ``(pairs, intermediate)`` rows, which is what this modul
 - :class:`_LoraExpertsFunction` writes the backward by hand instead of letting autograd store and replay every
   gather and scatter: no gradient for the frozen weights unless they require one, the LoRA weight gradients as
   grouped outer products, the routing weights' gradient as row-wise dot products, and buffers reused in place.
-  ``combine`` runs through :func:`~moe_zoo.core.gated_combine.combine_forward` / ``combine_backward``.
+  ``combine`` runs through :func:`~moe_zoo.core.gated_combine.combine_forward` / ``combine_backward``;
+- for large fp32 CPU calls of the SiLU-gated layout, everything between the matmuls runs in one fused C pass per
+  direction (:mod:`moe_zoo.core.lora_pairs_kernel`): per token, each routed pair adds its rank-``r`` LoRA deltas to
+  the frozen products, applies ``silu(gate) * up`` and is mixed in with its weight, so no ``(pairs,
+  intermediate)`` tensor is written in the forward; the backward recomputes the pre-activations (the layer saves the
+  ``(tokens, intermediate)`` frozen products and the ``(pairs, r)`` LoRA A products instead of three ``(pairs,
+  intermediate)`` tensors) and writes its per-pair gradients into buffers kept from call to call. On CPU those
+  passes over ``(pairs, intermediate)`` tensors, not the arithmetic, were what the mixture cost beyond the dense FFN.
 
 Sentinel index ``num_experts`` (top-p padding, capacity-dropped tokens) marks an empty slot: it gets no pair, no
 compute and weight 0, and a token with only empty slots gets a zero output.
@@ -35,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import lora_pairs_kernel
 from .gated_combine import combine_backward, combine_forward
+from .lora_pairs_kernel import workspace
 from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, route_pairs, rowdot
 
 
@@ -103,6 +112,11 @@ def _split(flat: Sequence[torch.Tensor | None], num_inputs: int):
     return projections[:num_inputs], projections[num_inputs]
 
 
+def _kernel_routing(routed: RoutedPairs) -> tuple[torch.Tensor, ...]:
+    """The routing arguments of :mod:`~moe_zoo.core.lora_pairs_kernel`: each pair's expert, each slot's pair and mask."""
+    return routed.experts, routed.slot_pair, routed.slot_mask
+
+
 class _LoraExpertsFunction(torch.autograd.Function):
     """Forward and hand-written backward of :func:`lora_experts_ffn` (see the module docstring).
 
@@ -119,39 +133,59 @@ class _LoraExpertsFunction(torch.autograd.Function):
         adapted = [p[2] is not None for p in (*inputs, output)]
         widths = [p[0].shape[1] if a else None for p, a in zip((*inputs, output), adapted, strict=True)]
         *input_masks, mask_o = _dropout_masks(routed, widths, x, spec.dropout)
-        pre_activations, input_saved = [], []
-        frozen = None  # one (T, out) buffer for the frozen products, reused (fresh large tensors cost page faults)
+        pair_elements = routed.num_pairs * sum(p[0].shape[0] for p in inputs)
+        fused = spec.num_inputs == 2 and lora_pairs_kernel.usable(
+            spec.combine, x, [x, pair_weights, *flat], pair_elements
+        )
+        pre_activations, input_saved, loras = [], [], []
+        frozen = None  # eager: one (T, out) buffer for the frozen products, reused (fresh tensors cost page faults)
         for (weight, bias, lora_a, lora_b), mask in zip(inputs, input_masks, strict=True):
-            frozen = _linear(x, weight, bias, frozen)
-            pre = frozen.index_select(0, tokens)
             lora_rows = scaled_a = None
             if lora_a is not None:
                 lora_rows = _lora_input(token_rows, lora_a.dtype, mask)
                 scaled_a = expert_linear(lora_rows, lora_a, routed).mul_(spec.scaling)
+            input_saved.append((lora_rows, mask, scaled_a))
+            if fused:  # the fused pass gathers the frozen product and adds the LoRA delta itself
+                pre_activations.append(F.linear(x, weight, bias))
+                loras.append(None if lora_a is None else (scaled_a, lora_b.transpose(1, 2).contiguous()))
+                continue
+            frozen = _linear(x, weight, bias, frozen)
+            pre = frozen.index_select(0, tokens)
+            if lora_a is not None:
                 expert_linear(scaled_a, lora_b, routed, out=pre)
             pre_activations.append(pre)
-            input_saved.append((lora_rows, mask, scaled_a))
-        hidden, hidden_graph = combine_forward(spec.combine, pre_activations, spec.differentiable)
-
+        slot_weights = routed.slot_values(pair_weights.to(pre_activations[0].dtype))
         weight_o, bias_o, lora_a_o, lora_b_o = output
-        slot_weights = routed.slot_values(pair_weights.to(hidden.dtype))
         scratch = Scratch()
-        mixed = routed.sum_per_token(hidden, slot_weights, out=frozen, scratch=scratch)
-        del frozen
+        hidden = hidden_graph = lora_hidden = lora_a_out = routed_scale = None
+        if fused:  # pre-activations and hidden states stay in cache; the backward recomputes them
+            kept = spec.differentiable and output[0].requires_grad  # the output weight's gradient reads it
+            like, shape = pre_activations[0], (x.shape[0], output[0].shape[1])
+            mixed = like.new_empty(shape) if kept else workspace("mixed", shape, like)
+            lora_a_out = None if lora_a_o is None else like.new_empty(routed.num_pairs, lora_a_o.shape[1])
+            pre_activations = (pre_activations, loras)
+            lora_pairs_kernel.forward(
+                *pre_activations, *_kernel_routing(routed), slot_weights, lora_a_o, mask_o, mixed, lora_a_out
+            )
+        else:
+            hidden, hidden_graph = combine_forward(spec.combine, pre_activations, spec.differentiable)
+            mixed = routed.sum_per_token(hidden, slot_weights, out=frozen, scratch=scratch)
+            if lora_a_o is not None:
+                lora_hidden = _lora_input(hidden, lora_a_o.dtype, mask_o)
+                lora_a_out = expert_linear(lora_hidden, lora_a_o, routed)
+        del frozen, loras
+
         out = F.linear(mixed.to(weight_o.dtype), weight_o)
         if bias_o is not None:
             out.addr_(slot_weights.sum(-1).to(out.dtype), bias_o)
-        lora_hidden = lora_a_out = routed_scale = None
         if lora_a_o is not None:
-            lora_hidden = _lora_input(hidden, lora_a_o.dtype, mask_o)
-            lora_a_out = expert_linear(lora_hidden, lora_a_o, routed)
             routed_scale = pair_weights.to(lora_a_out.dtype).mul(spec.scaling).unsqueeze(-1)
             deltas = expert_linear(lora_a_out * routed_scale, lora_b_o, routed)
             out.add_(routed.sum_per_token(deltas, routed.slot_mask, scratch=scratch).to(out.dtype))
         if not spec.differentiable:
             return out
 
-        ctx.spec, ctx.routed = spec, routed
+        ctx.spec, ctx.routed, ctx.fused = spec, routed, fused
         ctx.combine_state = (pre_activations, hidden_graph)
         ctx.input_saved = input_saved
         ctx.output_saved = (lora_hidden, mask_o, lora_a_out, routed_scale)
@@ -173,18 +207,28 @@ class _LoraExpertsFunction(torch.autograd.Function):
 
         # Output projection: out = W_o (sum_p w_p h_p) + b_o sum_p w_p + sum_p w_p s B_e A_e drop(h_p).
         weight_o, bias_o, lora_a_o, lora_b_o = output
-        grad_mixed = grad_out.to(weight_o.dtype) @ weight_o
+        hidden_width = weight_o.shape[1]
+        if ctx.fused:  # dead after the fused pass: a kept buffer (see lora_pairs_kernel.workspace)
+            grad_out_cast = grad_out.to(weight_o.dtype)
+            buffer = workspace("grad_mixed", (grad_out.shape[0], hidden_width), weight_o)
+            grad_mixed = torch.mm(grad_out_cast, weight_o, out=buffer)
+        else:
+            grad_mixed = grad_out.to(weight_o.dtype) @ weight_o
         if needs[4 + out_offset]:
             grad_flat[out_offset] = grad_out.t().to(ctx.mixed.dtype) @ ctx.mixed
         if bias_o is not None and needs[5 + out_offset]:
             grad_flat[out_offset + 1] = (slot_weights.sum(-1).to(grad_out.dtype) @ grad_out).to(bias_o.dtype)
-        grad_hidden = grad_mixed.to(hidden.dtype).index_select(0, tokens)
-        free = grad_mixed  # dead from here on: the buffer of the per-token gradients below
         scratch = Scratch()
-        grad_weights = rowdot(grad_hidden, hidden, scratch) if needs[3] else None
-        grad_hidden.mul_(pair_weights.to(hidden.dtype).unsqueeze(-1))
+        grad_weights = grad_hidden = free = None
+        if not ctx.fused:  # fused: the kernel computes these terms from grad_mixed
+            grad_hidden = grad_mixed.to(hidden.dtype).index_select(0, tokens)
+            free = grad_mixed  # dead from here on: the buffer of the per-token gradients below
+            grad_weights = rowdot(grad_hidden, hidden, scratch) if needs[3] else None
+            grad_hidden.mul_(pair_weights.to(hidden.dtype).unsqueeze(-1))
         if bias_o is not None and needs[3]:
-            grad_weights += (grad_out @ bias_o.to(grad_out.dtype)).index_select(0, tokens).to(grad_weights.dtype)
+            bias_term = (grad_out @ bias_o.to(grad_out.dtype)).index_select(0, tokens).to(slot_weights.dtype)
+            grad_weights = bias_term if grad_weights is None else grad_weights.add_(bias_term)
+        output_lora = mask_o = None
         if lora_a_o is not None:
             lora_hidden, mask_o, lora_a_out, routed_scale = ctx.output_saved
             grad_pair_out = grad_out.to(lora_b_o.dtype).index_select(0, tokens)
@@ -193,20 +237,34 @@ class _LoraExpertsFunction(torch.autograd.Function):
                 grad_flat[out_offset + 3] = expert_outer(grad_pair_out, lora_a_out * routed_scale, routed)
             del grad_pair_out
             if needs[3]:
-                grad_dot = torch.linalg.vecdot(grad_scaled, lora_a_out).mul_(spec.scaling)
-                grad_weights += grad_dot.to(grad_weights.dtype)
+                grad_dot = torch.linalg.vecdot(grad_scaled, lora_a_out).mul_(spec.scaling).to(slot_weights.dtype)
+                grad_weights = grad_dot if grad_weights is None else grad_weights.add_(grad_dot)
             grad_a_out = grad_scaled.mul_(routed_scale)
-            if needs[6 + out_offset]:
+            if needs[6 + out_offset] and not ctx.fused:  # fused: after the kernel, which recomputes h
                 grad_flat[out_offset + 2] = expert_outer(grad_a_out, lora_hidden, routed)
-            if mask_o is None:
-                expert_linear(grad_a_out, lora_a_o.transpose(1, 2), routed, out=grad_hidden)
-            else:
-                grad_lora_hidden = expert_linear(grad_a_out, lora_a_o.transpose(1, 2), routed).mul_(mask_o)
-                grad_hidden.add_(grad_lora_hidden.to(grad_hidden.dtype))
-                del grad_lora_hidden
+            output_lora = (grad_a_out, lora_a_o)
+            if not ctx.fused:
+                if mask_o is None:
+                    expert_linear(grad_a_out, lora_a_o.transpose(1, 2), routed, out=grad_hidden)
+                else:
+                    grad_lora_hidden = expert_linear(grad_a_out, lora_a_o.transpose(1, 2), routed).mul_(mask_o)
+                    grad_hidden.add_(grad_lora_hidden.to(grad_hidden.dtype))
+                    del grad_lora_hidden
 
-        grad_pre = combine_backward(spec.combine, *ctx.combine_state, grad_hidden)
-        del grad_hidden
+        pre_activations, hidden_graph = ctx.combine_state
+        if ctx.fused:
+            grad_gate, grad_up, lora_hidden, dots, token_grads, kernel_grad_a = lora_pairs_kernel.backward(
+                *pre_activations, *_kernel_routing(routed), slot_weights, grad_mixed, output_lora, mask_o
+            )
+            grad_pre = [grad_gate, grad_up]
+            if needs[3]:
+                grad_weights = dots if grad_weights is None else grad_weights.add_(dots.to(grad_weights.dtype))
+            if lora_a_o is not None and needs[6 + out_offset]:
+                grad_flat[out_offset + 2] = expert_outer(grad_a_out, lora_hidden, routed)
+            del output_lora, lora_hidden
+        else:
+            grad_pre = combine_backward(spec.combine, pre_activations, hidden_graph, grad_hidden)
+        del grad_hidden, grad_mixed
 
         # Input projections: pre_p = (W x + b)[token_p] + s B_e A_e drop(x[token_p]).
         grad_x = None
@@ -215,7 +273,10 @@ class _LoraExpertsFunction(torch.autograd.Function):
             zip(inputs, grad_pre, ctx.input_saved, strict=True)
         ):
             offset = 4 * index
-            grad_base = free = routed.sum_per_token(grad, routed.slot_mask, out=free, scratch=scratch)
+            if ctx.fused:
+                grad_base = token_grads[index]
+            else:
+                grad_base = free = routed.sum_per_token(grad, routed.slot_mask, out=free, scratch=scratch)
             if needs[2]:
                 if grad_x is None:
                     grad_x = grad_base.to(weight.dtype) @ weight
@@ -231,7 +292,10 @@ class _LoraExpertsFunction(torch.autograd.Function):
             grad = grad.to(lora_b.dtype)
             if needs[7 + offset]:
                 grad_flat[offset + 3] = expert_outer(grad, scaled_a, routed)
-            grad_a = expert_linear(grad, lora_b.transpose(1, 2), routed).mul_(spec.scaling)
+            if ctx.fused:
+                grad_a = kernel_grad_a[index].mul_(spec.scaling)
+            else:
+                grad_a = expert_linear(grad, lora_b.transpose(1, 2), routed).mul_(spec.scaling)
             if needs[6 + offset]:
                 grad_flat[offset + 2] = expert_outer(grad_a, lora_rows, routed)
             if not needs[2]:

@@ -38,7 +38,7 @@ class RoutedPairs(ExpertGroups):
     :func:`~moe_zoo.core.experts.group_by_expert`'s sort (``pairs``, ``tokens``, ``counts``, ``spans()``), plus:
     ``slot_pair[s]`` maps each slot back to its pair row (0 for an empty slot, whose ``slot_mask`` is 0), so a
     per-pair tensor is put back in token order by one gather; ``offsets`` (int32, cumulative counts) are what
-    ``torch._grouped_mm`` takes.
+    ``torch._grouped_mm`` takes; ``experts[p]`` is pair ``p``'s expert.
     """
 
     num_tokens: int
@@ -48,6 +48,7 @@ class RoutedPairs(ExpertGroups):
     slot_pair: torch.Tensor
     slot_mask: torch.Tensor
     grouped: bool
+    experts: torch.Tensor
 
     @property
     def num_pairs(self) -> int:
@@ -131,6 +132,7 @@ def route_pairs(expert_indices: torch.Tensor, num_experts: int, grouped: bool | 
         slot_pair=slot_pair,
         slot_mask=expert_indices < num_experts,
         grouped=grouped,
+        experts=expert_indices.reshape(-1)[groups.pairs],
     )
 
 
