@@ -30,6 +30,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from moe_zoo.core import lora_pairs_kernel
 from moe_zoo.peft import MixLoraConfig, MixLoraFeedForward
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -177,6 +178,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         "shape": dict(tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k, rank=rank),
         "repeats": repeats,
         "dropout": f"none (the package's LoraLinear needs lora_dropout > 0: built with {PACKAGE_DROPOUT}, eval mode)",
+        "fused_cpu_pass": {"mode": lora_pairs_kernel.compile_mode(), "built": lora_pairs_kernel.available()},
         **environment(),
         "results": results,
         "fused_speedup": ratios,
