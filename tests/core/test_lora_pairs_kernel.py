@@ -56,7 +56,18 @@ def calls_the_kernel(monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("variant", ["all-targeted", "up-untargeted", "output-untargeted", "biases-trainable-base"])
+def with_ranks(projection: LoraProjection, rank: int, seed: int) -> LoraProjection:
+    """``projection`` with fresh LoRA factors of ``rank`` (the kernel unrolls ranks by four: 3, 5 and 6 leave rest)."""
+    generator = torch.Generator().manual_seed(seed)
+    out, inp = projection.weight.shape
+    lora_a = (torch.randn(E, rank, inp, generator=generator) * 0.3).requires_grad_()
+    lora_b = (torch.randn(E, out, rank, generator=generator) * 0.3).requires_grad_()
+    return LoraProjection(projection.weight, projection.bias, lora_a, lora_b)
+
+
+@pytest.mark.parametrize(
+    "variant", ["all-targeted", "up-untargeted", "output-untargeted", "biases-trainable-base", "ranks-6-3-5"]
+)
 def test_fused_pass_equals_per_expert_ffns(fused_always, monkeypatch, variant):
     """Outputs and the gradients of the input, the routing weights, every LoRA tensor (and the frozen weights and
     biases when they train), with empty slots and a token routed nowhere (:func:`routing`)."""
@@ -72,6 +83,9 @@ def test_fused_pass_equals_per_expert_ffns(fused_always, monkeypatch, variant):
             for p, b in zip(inputs, bias, strict=True)
         ]
         output = LoraProjection(output.weight.clone().requires_grad_(), None, output.lora_A, output.lora_B)
+    if variant == "ranks-6-3-5":
+        inputs = [with_ranks(inputs[0], 6, seed=11), with_ranks(inputs[1], 3, seed=12)]
+        output = with_ranks(output, 5, seed=13)
     expected = outputs_and_grads(
         lambda x, w, i: reference(x, w, i, inputs, SILU, output), x, logits, indices, inputs, output
     )
