@@ -112,11 +112,6 @@ def _split(flat: Sequence[torch.Tensor | None], num_inputs: int):
     return projections[:num_inputs], projections[num_inputs]
 
 
-def _kernel_routing(routed: RoutedPairs) -> tuple[torch.Tensor, ...]:
-    """The routing arguments of :mod:`~moe_zoo.core.lora_pairs_kernel`: each pair's expert, each slot's pair and mask."""
-    return routed.experts, routed.slot_pair, routed.slot_mask
-
-
 class _LoraExpertsFunction(torch.autograd.Function):
     """Forward and hand-written backward of :func:`lora_experts_ffn` (see the module docstring).
 
@@ -164,9 +159,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
             mixed = like.new_empty(shape) if kept else workspace("mixed", shape, like)
             lora_a_out = None if lora_a_o is None else like.new_empty(routed.num_pairs, lora_a_o.shape[1])
             pre_activations = (pre_activations, loras)
-            lora_pairs_kernel.forward(
-                *pre_activations, *_kernel_routing(routed), slot_weights, lora_a_o, mask_o, mixed, lora_a_out
-            )
+            lora_pairs_kernel.forward(*pre_activations, routed, slot_weights, lora_a_o, mask_o, mixed, lora_a_out)
         else:
             hidden, hidden_graph = combine_forward(spec.combine, pre_activations, spec.differentiable)
             mixed = routed.sum_per_token(hidden, slot_weights, out=frozen, scratch=scratch)
@@ -208,12 +201,9 @@ class _LoraExpertsFunction(torch.autograd.Function):
         # Output projection: out = W_o (sum_p w_p h_p) + b_o sum_p w_p + sum_p w_p s B_e A_e drop(h_p).
         weight_o, bias_o, lora_a_o, lora_b_o = output
         hidden_width = weight_o.shape[1]
-        if ctx.fused:  # dead after the fused pass: a kept buffer (see lora_pairs_kernel.workspace)
-            grad_out_cast = grad_out.to(weight_o.dtype)
-            buffer = workspace("grad_mixed", (grad_out.shape[0], hidden_width), weight_o)
-            grad_mixed = torch.mm(grad_out_cast, weight_o, out=buffer)
-        else:
-            grad_mixed = grad_out.to(weight_o.dtype) @ weight_o
+        # Fused: dead after the kernel, so a kept buffer (see lora_pairs_kernel.workspace); eager: reused below.
+        buffer = workspace("grad_mixed", (grad_out.shape[0], hidden_width), weight_o) if ctx.fused else None
+        grad_mixed = torch.mm(grad_out.to(weight_o.dtype), weight_o, out=buffer)
         if needs[4 + out_offset]:
             grad_flat[out_offset] = grad_out.t().to(ctx.mixed.dtype) @ ctx.mixed
         if bias_o is not None and needs[5 + out_offset]:
@@ -254,7 +244,7 @@ class _LoraExpertsFunction(torch.autograd.Function):
         pre_activations, hidden_graph = ctx.combine_state
         if ctx.fused:
             grad_gate, grad_up, lora_hidden, dots, token_grads, kernel_grad_a = lora_pairs_kernel.backward(
-                *pre_activations, *_kernel_routing(routed), slot_weights, grad_mixed, output_lora, mask_o
+                *pre_activations, routed, slot_weights, grad_mixed, output_lora, mask_o
             )
             grad_pre = [grad_gate, grad_up]
             if needs[3]:

@@ -34,6 +34,7 @@ import torch
 
 from ..assets import cache_dir
 from .gated_combine import GatedCombine
+from .routed_pairs import RoutedPairs
 
 COMPILE_ENV = "MOE_ZOO_COMPILE"
 """``"auto"`` (default): the fused pass for large fp32 CPU calls; ``"never"`` / ``"0"``: always the eager kernel;
@@ -165,9 +166,10 @@ def _pointer(tensor: torch.Tensor | None, kind=_F):
     return ctypes.cast(tensor.data_ptr(), kind)
 
 
-def _pairs(frozen, loras, experts, slot_pair, slot_mask, slot_weights) -> _Pairs:
+def _pairs(frozen, loras, routed: RoutedPairs, slot_weights) -> _Pairs:
     """The ``struct pairs`` of a call (its tensors must outlive the call: the caller holds them)."""
     (gate, up), (lora_g, lora_u) = frozen, loras
+    slot_mask = routed.slot_mask
     ranks = [0 if lora is None else lora[0].shape[1] for lora in (lora_g, lora_u)]
     factors = [_pointer(t) for lora in (lora_g, lora_u) for t in (lora or (None, None))]
     return _Pairs(
@@ -178,21 +180,21 @@ def _pairs(frozen, loras, experts, slot_pair, slot_mask, slot_weights) -> _Pairs
         _pointer(up),
         *factors,
         _pointer(slot_weights),
-        _pointer(experts, _I64),
-        _pointer(slot_pair, _I64),
+        _pointer(routed.experts, _I64),
+        _pointer(routed.slot_pair, _I64),
         _pointer(slot_mask, _U8),
     )
 
 
-def forward(frozen, loras, experts, slot_pair, slot_mask, slot_weights, output_a, output_mask, mixed, output_lo):
+def forward(frozen, loras, routed: RoutedPairs, slot_weights, output_a, output_mask, mixed, output_lo):
     """``mixed[t] = sum_slots w h_p`` and ``output_lo[p] = A_o[e] drop(h_p)`` (see ``lora_pairs.c``).
 
     ``frozen``: the gate's and up's frozen products ``(T, I)``; ``loras``: per projection ``(a (P, r), B (E, r, I))``
     or None; ``output_a``: the output LoRA A ``(E, r_o, I)`` or None (then ``output_lo`` is None)."""
-    pairs = _pairs(frozen, loras, experts, slot_pair, slot_mask, slot_weights)
+    pairs = _pairs(frozen, loras, routed, slot_weights)
     _library().lora_pairs_forward(
         ctypes.byref(pairs),
-        slot_mask.shape[0],
+        routed.num_tokens,
         _pointer(output_a),
         0 if output_a is None else output_a.shape[1],
         _pointer(output_mask),
@@ -201,7 +203,7 @@ def forward(frozen, loras, experts, slot_pair, slot_mask, slot_weights, output_a
     )
 
 
-def backward(frozen, loras, experts, slot_pair, slot_mask, slot_weights, grad_mixed, output_lora, output_mask):
+def backward(frozen, loras, routed: RoutedPairs, slot_weights, grad_mixed, output_lora, output_mask):
     """The backward of :func:`forward`: ``(grad_gate, grad_up, lora_hidden, grad_weights, token_grads, grad_a)``.
 
     ``grad_gate`` / ``grad_up`` ``(P, I)`` are the pre-activations' gradients, ``token_grads`` their per-token sums
@@ -210,14 +212,14 @@ def backward(frozen, loras, experts, slot_pair, slot_mask, slot_weights, grad_mi
     ``grad_weights[p] = <grad_mixed[token_p], h_p>``. The ``(P, I)`` and ``(T, I)`` results are :func:`workspace`
     buffers, valid until the next backward."""
     gate = frozen[0]
-    num_tokens, (pairs, width) = slot_mask.shape[0], (experts.shape[0], gate.shape[1])
+    num_tokens, pairs, width = routed.num_tokens, routed.num_pairs, gate.shape[1]
     grad_pre = [workspace(name, (pairs, width), gate) for name in ("grad_gate", "grad_up")]
     token_grads = [workspace(name, (num_tokens, width), gate) for name in ("token_grad_gate", "token_grad_up")]
     grad_o, output_a = output_lora if output_lora is not None else (None, None)
     lora_hidden = None if output_a is None else workspace("lora_hidden", (pairs, width), gate)
     grad_weights = gate.new_empty(pairs)
     grad_a = [None if lora is None else gate.new_empty(pairs, lora[0].shape[1]) for lora in loras]
-    inputs = _pairs(frozen, loras, experts, slot_pair, slot_mask, slot_weights)
+    inputs = _pairs(frozen, loras, routed, slot_weights)
     _library().lora_pairs_backward(
         ctypes.byref(inputs),
         num_tokens,

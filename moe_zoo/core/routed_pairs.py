@@ -38,7 +38,7 @@ class RoutedPairs(ExpertGroups):
     :func:`~moe_zoo.core.experts.group_by_expert`'s sort (``pairs``, ``tokens``, ``counts``, ``spans()``), plus:
     ``slot_pair[s]`` maps each slot back to its pair row (0 for an empty slot, whose ``slot_mask`` is 0), so a
     per-pair tensor is put back in token order by one gather; ``offsets`` (int32, cumulative counts) are what
-    ``torch._grouped_mm`` takes; ``experts[p]`` is pair ``p``'s expert.
+    ``torch._grouped_mm`` takes.
     """
 
     num_tokens: int
@@ -48,7 +48,12 @@ class RoutedPairs(ExpertGroups):
     slot_pair: torch.Tensor
     slot_mask: torch.Tensor
     grouped: bool
-    experts: torch.Tensor
+
+    @functools.cached_property
+    def experts(self) -> torch.Tensor:
+        """``experts[p]``: pair ``p``'s expert, from the counts (only the fused LoRA-expert pass reads it)."""
+        counts = torch.tensor(self.counts, device=self.tokens.device)
+        return torch.repeat_interleave(torch.arange(self.num_experts, device=self.tokens.device), counts)
 
     @property
     def num_pairs(self) -> int:
@@ -132,7 +137,6 @@ def route_pairs(expert_indices: torch.Tensor, num_experts: int, grouped: bool | 
         slot_pair=slot_pair,
         slot_mask=expert_indices < num_experts,
         grouped=grouped,
-        experts=expert_indices.reshape(-1)[groups.pairs],
     )
 
 
