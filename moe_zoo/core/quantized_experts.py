@@ -16,8 +16,8 @@ precision. :class:`QuantizedExperts` replaces such a bank:
 - biases (Phi's ``up_proj_bias`` / ``down_proj_bias``) stay full-precision parameters.
 
 Quantized experts are frozen (their buffers carry no gradient); the input and the routing weights still get theirs,
-so routers, norms and LoRA adapters train on top (QLoRA). :meth:`QuantizedExperts.add_lora` gives every expert its own
-LoRA factors on each projection (MoE-tuning's QLoRA mode, :mod:`moe_zoo.training.qlora`), which train while the
+so routers, norms and LoRA adapters train on top (QLoRA). :meth:`QuantizedProjection.add_lora` gives every expert its
+own LoRA factors on a projection (MoE-tuning's QLoRA mode, :mod:`moe_zoo.training.qlora`), which train while the
 packed weights stay as they are, and :meth:`QuantizedExperts.to_full_precision` merges them onto the dequantized
 weights.
 
@@ -307,11 +307,6 @@ class QuantizedExperts(nn.Module):
         )
         quantized.source = (type(bank), getattr(bank, "config", None))
         return quantized
-
-    def add_lora(self, rank: int, alpha: float) -> None:
-        """Per-expert LoRA factors on every projection (:meth:`QuantizedProjection.add_lora`)."""
-        for _, projection in self.projections():
-            projection.add_lora(rank, alpha)
 
     def to_full_precision(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The full-precision bank this one was made from (its own class and config), with the dequantized weights;
