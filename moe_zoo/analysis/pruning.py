@@ -84,10 +84,11 @@ def _prune_gating_residuals(blocks: list[SparseMoeBlock], slots: list[torch.Tens
     for position, block in enumerate(blocks):
         if block.gating_residual is None:
             continue
-        weight = block.gating_residual.weight
-        kept = weight.index_select(0, slots[position]).index_select(1, slots[block.gating_position - 1])
-        block.gating_residual = nn.Linear(kept.shape[1], kept.shape[0], bias=False).to(weight.device, weight.dtype)
-        block.gating_residual.weight.copy_(kept)
+        residual = block.gating_residual
+        previous_slots = slots[block.gating_position - 1].to(residual.weight.device)
+        kept = _slice_rows(residual.weight, slots[position]).index_select(1, previous_slots)
+        residual.weight = nn.Parameter(kept, requires_grad=residual.weight.requires_grad)
+        residual.out_features, residual.in_features = kept.shape
 
 
 def prune_experts(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:

@@ -112,11 +112,14 @@ def test_pruning_keeps_the_maps_between_the_surviving_slots(tmp_path):
     full = [b.gating_residual.weight.clone() if b.gating_residual is not None else None for b in blocks]
     names = [n for n, m in moe.named_modules() if m in blocks]
     keep = {names[0]: [0, 1], names[1]: [1, 3], names[2]: [0, 2]}
+    blocks[2].gating_residual.weight.requires_grad_(False)  # a frozen map stays frozen
     prune_experts(moe, keep)
     slots = [torch.tensor(kept + [4, 5]) for kept in keep.values()]  # the zero and copy slots stay
     for position in (1, 2):
         expected = full[position][slots[position]][:, slots[position - 1]]
         torch.testing.assert_close(blocks[position].gating_residual.weight, expected)
+        assert blocks[position].gating_residual.in_features == blocks[position].gating_residual.out_features == 4
+    assert [b.gating_residual.weight.requires_grad for b in blocks[1:]] == [True, False]
     moe.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
