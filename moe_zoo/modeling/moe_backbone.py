@@ -283,11 +283,13 @@ class MoeModelMixin(QuantizedExpertsMixin, PublishingMixin):
     bitsandbytes loading quantizes its experts too (:mod:`moe_zoo.modeling.quantized_loading`).
     """
 
-    # Routing decisions are discrete: keep routers (and the balancing bias) in fp32 when loading in fp16/bf16.
+    # Routing decisions are discrete: keep routers, the balancing bias and MoE++'s gating residual maps (which add
+    # to router logits) in fp32 when loading in fp16/bf16.
     _keep_in_fp32_modules_strict = [
         "mlp.gate.weight",
         "mlp.gate.sim_matrix",
         "mlp.gate.gates",
+        "mlp.gating_residual.weight",
         "selection_bias",
         "experts_mask",
     ]

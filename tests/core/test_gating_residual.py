@@ -124,3 +124,13 @@ def test_pruning_keeps_the_maps_between_the_surviving_slots(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, moe(IDS).logits, atol=0, rtol=0)
+
+
+def test_bf16_load_keeps_the_maps_in_fp32_like_the_routers(tmp_path):
+    _with_residual_weights(_moe(moe_layers="all")).save_pretrained(tmp_path)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    blocks = half.moe_blocks()
+    assert {b.gating_residual.weight.dtype for b in blocks[1:]} == {torch.float32}
+    assert blocks[1].experts.gate_up_proj.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(half(IDS).logits).all()
