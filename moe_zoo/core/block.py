@@ -111,8 +111,13 @@ class SparseMoeBlock(nn.Module):
                     "(SwiGLU); this layer's FFN is a plain MLP with a bias that the fused shared experts share."
                 )
             self.shared_expert_router = nn.Linear(hidden_size, config.num_shared_experts, bias=False)
-        # Whether routing can leave empty (sentinel) slots that must be removed before the expert bank runs.
-        self.routes_variable_experts = routes_variable_experts(config) or self.gate.num_experts > self.num_experts
+
+    @property
+    def routes_variable_experts(self) -> bool:
+        """Whether routing can leave empty (sentinel) slots that must be removed before the expert bank runs: a
+        variable-k router, or a gate with more slots than the bank has experts (null or zero-computation experts).
+        Derived on demand, so swapping :attr:`gate` (EvoMoE's switch to top-1) needs no bookkeeping."""
+        return routes_variable_experts(self.config) or self.gate.num_experts > self.num_experts
 
     def current_capacity_factor(self) -> float | None:
         """``capacity_factor`` in training, ``eval_capacity_factor`` (or else ``capacity_factor``) at eval."""

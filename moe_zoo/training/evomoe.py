@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..core.block import SparseMoeBlock
-from ..core.routing import DenseToSparseRouter, build_router, routes_variable_experts
+from ..core.routing import DenseToSparseRouter, build_router
 from ..modeling.upcycled_moe import upcycle
 from .routing_stats import RoutingStatsTrainer
 
@@ -93,7 +93,6 @@ def switch_to_top1(model: PreTrainedModel) -> PreTrainedModel:
         new.weight.copy_(old.weight)
         new.selection_bias.copy_(old.selection_bias)
         block.gate, block.top_k = new, 1
-        block.routes_variable_experts = routes_variable_experts(config) or new.num_experts > block.num_experts
     return model
 
 
