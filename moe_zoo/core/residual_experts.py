@@ -114,7 +114,7 @@ def residual_parameters(model: nn.Module) -> list[nn.Parameter]:
     found = []
     for bank in _banks(model):
         for name in WEIGHT_NAMES:
-            if hasattr(bank, "parametrizations") and name in bank.parametrizations:
+            if parametrize.is_parametrized(bank, name):
                 found += [p for p in bank.parametrizations[name].parameters() if p.requires_grad]
     return found
 
