@@ -14,7 +14,7 @@ decorated ``GatedExperts`` / ``PlainExperts`` below are for using the core on it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,27 @@ def group_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ExpertGroups
     return ExpertGroups(pairs=pairs, tokens=pairs // top_k, counts=counts)
 
 
+def run_each_expert(
+    expert_forward: Callable[[int, torch.Tensor], torch.Tensor],
+    num_experts: int,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The eager expert loop: ``expert_forward(e, x_e)`` on each expert's contiguous slice of the sorted pairs, the
+    outputs weighted by their routing weights and summed per token. Full-precision and quantized banks share it;
+    only how one expert computes differs."""
+    groups = group_by_expert(top_k_index, num_experts)
+    expert_inputs = hidden_states[groups.tokens]
+    outputs = [expert_forward(expert, expert_inputs[span]) for expert, span in groups.spans()]
+    final = torch.zeros_like(hidden_states)
+    if not outputs:
+        return final
+    dtype = hidden_states.dtype
+    weighted = torch.cat(outputs).to(dtype) * top_k_weights.reshape(-1)[groups.pairs, None].to(dtype)
+    return final.index_add(0, groups.tokens, weighted)
+
+
 class _ExpertBank(nn.Module):
     """What both layouts share: sizes, activation and the eager forward.
 
@@ -92,14 +113,7 @@ class _ExpertBank(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        groups = group_by_expert(top_k_index, self.num_experts)
-        expert_inputs = hidden_states[groups.tokens]
-        outputs = [self.expert_forward(expert, expert_inputs[span]) for expert, span in groups.spans()]
-        final = torch.zeros_like(hidden_states)
-        if not outputs:
-            return final
-        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[groups.pairs, None].to(hidden_states.dtype)
-        return final.index_add(0, groups.tokens, weighted.to(final.dtype))
+        return run_each_expert(self.expert_forward, self.num_experts, hidden_states, top_k_index, top_k_weights)
 
 
 class GatedExpertsBase(_ExpertBank):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import GatedExpertsBase, PlainExpertsBase, group_by_expert
+from .experts import GatedExpertsBase, PlainExpertsBase, run_each_expert
 
 CONFIG_FIELD = "quantized_experts"
 """The config attribute (a dict of :class:`ExpertQuantization` fields) that marks a saved model's expert banks as
@@ -320,16 +320,11 @@ class QuantizedExperts(nn.Module):
             bank = bank_class(config, self.num_experts, self.hidden_dim, self.intermediate_dim, "silu")
         bank.act_fn = self.act_fn
         for name, projection in self.projections():
-            if projection.lora_rank:
-                with torch.no_grad():
-                    experts = [
-                        projection.dequantize(e, torch.float32) + projection.lora_delta(e)
-                        for e in range(self.num_experts)
-                    ]
-            else:
-                experts = [projection.dequantize(e, dtype) for e in range(self.num_experts)]
-            weight = torch.stack(experts).to(dtype)
-            setattr(bank, name, nn.Parameter(weight))
+            with torch.no_grad():
+                experts = [projection.dequantize(e, torch.float32) for e in range(self.num_experts)]
+                if projection.lora_rank:
+                    experts = [weight + projection.lora_delta(e) for e, weight in enumerate(experts)]
+            setattr(bank, name, nn.Parameter(torch.stack(experts).to(dtype)))
         for name in ("up_proj_bias", "down_proj_bias"):
             if getattr(self, name) is not None:
                 setattr(bank, name, nn.Parameter(getattr(self, name).detach().to(dtype)))
@@ -372,16 +367,7 @@ class QuantizedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        groups = group_by_expert(top_k_index, self.num_experts)
-        expert_inputs = hidden_states[groups.tokens]
-        final = torch.zeros_like(hidden_states)
-        outputs = [self.expert_forward(expert, expert_inputs[span]) for expert, span in groups.spans()]
-        if not outputs:
-            return final
-        weighted = torch.cat(outputs).to(hidden_states.dtype) * top_k_weights.reshape(-1)[groups.pairs, None].to(
-            hidden_states.dtype
-        )
-        return final.index_add(0, groups.tokens, weighted)
+        return run_each_expert(self.expert_forward, self.num_experts, hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bits={self.spec.bits}, quant_type={self.spec.quant_type}"

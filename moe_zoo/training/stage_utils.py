@@ -50,8 +50,7 @@ def set_trainable_by_patterns(
     compiled = [re.compile(p) for p in patterns]
     if qlora_rank is not None:
         add_qlora_adapters(model, compiled, qlora_rank, qlora_alpha if qlora_alpha is not None else 2 * qlora_rank)
-    frozen_by_quantization = [n for n in quantized_tensor_names(model) if any(p.match(n) for p in compiled)]
-    if frozen_by_quantization and qlora_rank is None:
+    elif frozen_by_quantization := [n for n in quantized_tensor_names(model) if any(p.match(n) for p in compiled)]:
         raise ValueError(
             f"{what} trains {frozen_by_quantization[:4]} (and {max(len(frozen_by_quantization) - 4, 0)} more), which "
             "are quantized (bitsandbytes 4-/8-bit) and cannot train. Load the model in full precision for this stage, "
