@@ -16,6 +16,7 @@ from .experts import (
     PlainMLP,
 )
 from .gated_combine import GatedCombine
+from .gradient_buffers import release_gradient_buffers
 from .lora_experts import LoraProjection, lora_experts_ffn
 from .losses import (
     dynmoe_diverse_simple_loss,
@@ -92,6 +93,7 @@ __all__ = [
     "gshard_load_balancing_loss",
     "lora_experts_ffn",
     "quantize_experts",
+    "release_gradient_buffers",
     "report_routing",
     "resolve_moe_layers",
     "route_pairs",

@@ -15,7 +15,9 @@ over experts with a mask each and ``index_add_``) and ``grouped_mm`` (autograd t
 - :class:`_ExpertsFunction` writes the backward by hand: it saves the gathered rows, the pre-activations and the
   hidden activations (not the expert outputs: the routing weights' gradient is ``<W_d^T g, h> + <g, b_d>``, the
   product SonicMoE uses), gets every weight gradient as one outer product per expert, and never replays
-  autograd's gathers and scatters.
+  autograd's gathers and scatters;
+- on CPU the weight gradients reuse memory the bank keeps between steps when the previous ones are gone
+  (:mod:`~moe_zoo.core.gradient_buffers`), instead of faulting tens of MB of fresh pages in on every backward.
 
 Layouts: gated experts (``gate_up_proj (E, 2I, H)``, ``[gate; up]`` concatenated, ``down_proj (E, H, I)``), plain
 experts (``up_proj`` + activation), either with biases, transposed storage (``(E, H, 2I)``) and a class's own
@@ -34,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
 from .gated_combine import GatedCombine, combine_backward, combine_forward
+from .gradient_buffers import GradientBuffers, gradient_buffers
 from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, route_pairs, rowdot
 
 IMPLEMENTATION_NAME = "moe_zoo"
@@ -44,6 +47,16 @@ IMPLEMENTATION_NAME = "moe_zoo"
 class _Spec:
     combine: Callable[..., torch.Tensor]
     differentiable: bool
+    gradient_buffers: GradientBuffers
+
+
+def _weight_gradient(
+    spec: _Spec, name: str, left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs
+) -> torch.Tensor:
+    """The ``(E, a, b)`` weight gradient :func:`expert_outer` of ``left (P, a)`` and ``right (P, b)``, in the bank's
+    kept memory where it is free (see :mod:`~moe_zoo.core.gradient_buffers`)."""
+    out = spec.gradient_buffers.take(name, (routed.num_experts, left.shape[1], right.shape[1]), left)
+    return expert_outer(left, right, routed, out=out)
 
 
 def _add_expert_bias(rows: torch.Tensor, bias: torch.Tensor | None, routed: RoutedPairs) -> None:
@@ -107,14 +120,16 @@ class _ExpertsFunction(torch.autograd.Function):
         if needs[6] or needs[7]:
             weighted = grad_pair_out.mul_(weights)
             if needs[6]:
-                grad_down_weight = expert_outer(weighted, hidden, routed).to(down_weight.dtype)
+                grad_down_weight = _weight_gradient(spec, "down", weighted, hidden, routed).to(down_weight.dtype)
             if needs[7]:
                 grad_down_bias = _expert_sums(weighted, routed).to(down_weight.dtype)
         del grad_pair_out
         grad_hidden.mul_(weights)
         (grad_pre,) = combine_backward(spec.combine, (pre,), ctx.hidden_graph, grad_hidden)
         del grad_hidden
-        grad_up_weight = expert_outer(grad_pre, rows, routed).to(up_weight.dtype) if needs[4] else None
+        grad_up_weight = None
+        if needs[4]:
+            grad_up_weight = _weight_gradient(spec, "up", grad_pre, rows, routed).to(up_weight.dtype)
         grad_up_bias = _expert_sums(grad_pre, routed).to(up_weight.dtype) if needs[5] else None
         grad_x = None
         if needs[2]:
@@ -179,7 +194,7 @@ def moe_zoo_experts_forward(
     up, up_bias, down, down_bias = _expert_weights(self)
     tensors = (hidden_states, pair_weights, up, up_bias, down, down_bias)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    spec = _Spec(_combine_of(self), differentiable)
+    spec = _Spec(_combine_of(self), differentiable, gradient_buffers(self))
     out = _ExpertsFunction.apply(spec, routed, *tensors)
     return out.to(hidden_states.dtype)
 

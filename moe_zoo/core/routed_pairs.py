@@ -192,9 +192,13 @@ def expert_linear(
     return out
 
 
-def expert_outer(left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs) -> torch.Tensor:
+def expert_outer(
+    left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``out[e] = sum_{p in e} left[p] right[p]^T``, a contiguous ``(E, a, b)`` from ``left (P, a)`` and
-    ``right (P, b)``: the weight gradient of :func:`expert_linear` (zero for an expert without pairs).
+    ``right (P, b)``: the weight gradient of :func:`expert_linear` (zero for an expert without pairs). Written into
+    ``out`` (contiguous, uninitialised) when given, e.g. kept memory from
+    :class:`~moe_zoo.core.gradient_buffers.GradientBuffers`; the ``torch._grouped_mm`` path returns its own.
 
     Contiguous, because autograd copies a gradient whose strides differ from its parameter's (for a full expert
     bank that copy costs more than the products). When ``b < a`` each product is computed as its transpose,
@@ -203,7 +207,8 @@ def expert_outer(left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs) -
     mat_a = left.t()
     if _use_grouped(routed, mat_a, right) and left.shape[0]:
         return torch._grouped_mm(mat_a, right, offs=routed.offsets)
-    out = left.new_empty(routed.num_experts, left.shape[1], right.shape[1])
+    if out is None:
+        out = left.new_empty(routed.num_experts, left.shape[1], right.shape[1])
     transposed = right.shape[1] < left.shape[1]
     for expert, span in routed.spans():
         if transposed:
