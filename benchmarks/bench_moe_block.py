@@ -97,7 +97,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
     with torch.no_grad():
         expected = variants["transformers_qwen3_moe[eager]"](x)
         errors = {name: (module(x) - expected).abs().max().item() for name, module in variants.items() if "[" in name}
-    results = interleaved_medians(variants, x, repeats, inputs)
+    results = interleaved_medians(variants, x, repeats, inputs, count_page_faults=True)
     floor = results["dense_floor"]
     floor_bytes = saved_for_backward_bytes(variants["dense_floor"], inputs["dense_floor"])
     for name, timing in results.items():
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{name:36s} fwd {timing['forward_ms']:8.2f} ms ({timing['forward_vs_dense_floor']:.2f}x floor)   "
             f"fwd+bwd {timing['forward_backward_ms']:8.2f} ms ({timing['forward_backward_vs_dense_floor']:.2f}x)   "
-            f"saved {timing['saved_for_backward_mib']:7.1f} MiB ({timing['saved_for_backward_vs_dense_floor']:.2f}x)"
+            f"saved {timing['saved_for_backward_mib']:7.1f} MiB ({timing['saved_for_backward_vs_dense_floor']:.2f}x)   "
+            f"page faults {timing['page_faults']['forward_ms']}/{timing['page_faults']['forward_backward_ms']}"
         )
     return report
 

@@ -13,6 +13,11 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+
+try:
+    import resource
+except ImportError:  # not on Unix
+    resource = None
 from pathlib import Path
 
 import torch
@@ -83,24 +88,41 @@ def saved_for_backward_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def interleaved_step_medians(steps: dict[str, dict[str, Callable[[], None]]], repeats: int) -> dict:
+def interleaved_step_medians(
+    steps: dict[str, dict[str, Callable[[], None]]], repeats: int, count_page_faults: bool = False
+) -> dict:
     """Median times in ms of named steps (``{variant: {metric: fn}}``), run round-robin so that background load
     hits all of them alike; the first round warms up and is not counted.
 
     The order rotates every round, so each variant follows each other one equally often: what a step leaves behind
     (freed memory the next one must fault in again, caches) would otherwise always burden the same successor (on a
-    VM one MoE step after a dense one measured 190 ms slower than after another MoE step)."""
+    VM one MoE step after a dense one measured 190 ms slower than after another MoE step).
+
+    ``count_page_faults``: each variant's timing also holds ``page_faults`` (``{metric: median minor page faults per
+    call}``), which tells allocator cost from arithmetic (on a VM a fault costs microseconds)."""
     samples = {name: {key: [] for key in fns} for name, fns in steps.items()}
+    faults = {name: {key: [] for key in fns} for name, fns in steps.items()}
     names = list(steps)
     for round_index in range(repeats + 1):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             for key, fn in steps[name].items():
+                faults_before = _minor_page_faults()
                 start = time.perf_counter()
                 fn()
                 if round_index:
                     samples[name][key].append((time.perf_counter() - start) * 1e3)
-    return {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
+                    faults[name][key].append(_minor_page_faults() - faults_before)
+    results = {name: {key: statistics.median(v) for key, v in timing.items()} for name, timing in samples.items()}
+    if count_page_faults:
+        for name, timing in results.items():
+            timing["page_faults"] = {key: int(statistics.median(v)) for key, v in faults[name].items()}
+    return results
+
+
+def _minor_page_faults() -> int:
+    """This process's minor page faults so far (0 where ``resource`` is missing, i.e. off Unix)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def interleaved_medians(
@@ -109,6 +131,7 @@ def interleaved_medians(
     repeats: int,
     inputs: dict[str, torch.Tensor] | None = None,
     metrics: tuple[str, ...] = ("forward_ms", "forward_backward_ms"),
+    count_page_faults: bool = False,
 ) -> dict:
     """:func:`interleaved_step_medians` of each module's :func:`forward_steps` (``metrics`` of them); ``inputs``
     gives some variants an input of their own (default: ``x``)."""
@@ -117,19 +140,22 @@ def interleaved_medians(
     for name, module in variants.items():
         fns = forward_steps(module, inputs.get(name, x))
         steps[name] = {key: fns[key] for key in metrics}
-    return interleaved_step_medians(steps, repeats)
+    return interleaved_step_medians(steps, repeats, count_page_faults)
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in the process (no ``mmap`` for large blocks, no trimming), so that a freed
-    tensor's pages are reused instead of being faulted in again: on a VM a page fault costs microseconds and the
-    allocator's behaviour can then outweigh the arithmetic. Affects every contender alike; False if not glibc."""
+    """Ask glibc to keep freed memory in the process, so that a freed tensor's pages are reused instead of being
+    faulted in again: on a VM a page fault costs microseconds and the allocator's behaviour can then outweigh the
+    arithmetic. Blocks up to 1 GiB come from the heap (a fixed ``M_MMAP_THRESHOLD``) and the heap is never trimmed.
+    Turning ``mmap`` off altogether (``M_MMAP_MAX=0``) measured worse: 5-30k faults were left per MoE forward+backward,
+    against none this way. Affects every contender alike; False if not glibc. The same from the shell:
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1099511627776``."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**40))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 2**30)) and bool(libc.mallopt(m_trim_threshold, 2**40))
 
 
 def environment() -> dict:

@@ -24,6 +24,8 @@ def test_moe_block_benchmark_writes_json(tmp_path):
     assert floor["forward_vs_dense_floor"] == 1.0 and floor["saved_for_backward_vs_dense_floor"] == 1.0
     for name, timing in report["results"].items():
         assert timing["forward_backward_ms"] > 0 and timing["saved_for_backward_mib"] > 0, name
+        assert set(timing["page_faults"]) == {"forward_ms", "forward_backward_ms"}, name
+        assert all(isinstance(n, int) and n >= 0 for n in timing["page_faults"].values()), name
         if name != "dense_floor":  # every MoE variant computes the same function as transformers' eager block
             assert timing["max_abs_error_vs_transformers_eager"] <= 1e-5, name
 
