@@ -12,10 +12,12 @@ over experts with a mask each and ``index_add_``) and ``grouped_mm`` (autograd t
 - :class:`~moe_zoo.core.gated_combine.GatedCombine` applies ``act(gate) * up`` and differentiates it in place;
 - the routing weights are applied inside the per-token sum (a gather and a ``(1, k) @ (k, H)`` product per token,
   no ``index_add_``, no per-token copy of any weight);
-- :class:`_ExpertsFunction` writes the backward by hand: it saves the gathered rows, the pre-activations and the
-  hidden activations (not the expert outputs: the routing weights' gradient is ``<W_d^T g, h> + <g, b_d>``, the
-  product SonicMoE uses), gets every weight gradient as one outer product per expert, and never replays
-  autograd's gathers and scatters;
+- on CUDA with Triton, the grouped GEMMs are moe_zoo's Triton kernels (:mod:`~moe_zoo.core.triton_grouped`),
+  which read the token rows through the pairs' index (ScatterMoE's fused gather): no gathered copy is made or kept;
+- :class:`_ExpertsFunction` writes the backward by hand: it saves the gathered rows (the input itself where the
+  gather is fused), the pre-activations and the hidden activations (not the expert outputs: the routing weights'
+  gradient is ``<W_d^T g, h> + <g, b_d>``, the product SonicMoE uses), gets every weight gradient as one outer
+  product per expert, and never replays autograd's gathers and scatters;
 - on CPU the weight gradients reuse memory the bank keeps between steps when the previous ones are gone
   (:mod:`~moe_zoo.core.gradient_buffers`), instead of faulting tens of MB of fresh pages in on every backward.
 
@@ -37,7 +39,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate,
 
 from .gated_combine import GatedCombine, combine_backward, combine_forward
 from .gradient_buffers import GradientBuffers, gradient_buffers
-from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, route_pairs, rowdot
+from .routed_pairs import RoutedPairs, Scratch, expert_linear, expert_outer, fuses_gather, route_pairs, rowdot
 
 IMPLEMENTATION_NAME = "moe_zoo"
 """The name under which :func:`moe_zoo_experts_forward` is registered in transformers' ``ExpertsInterface``."""
@@ -51,12 +53,18 @@ class _Spec:
 
 
 def _weight_gradient(
-    spec: _Spec, name: str, left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs
+    spec: _Spec,
+    name: str,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    routed: RoutedPairs,
+    right_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ``(E, a, b)`` weight gradient :func:`expert_outer` of ``left (P, a)`` and ``right (P, b)``, in the bank's
-    kept memory where it is free (see :mod:`~moe_zoo.core.gradient_buffers`)."""
+    """The ``(E, a, b)`` weight gradient :func:`expert_outer` of ``left (P, a)`` and ``right (P, b)`` (rows
+    ``right[right_index]`` where given), in the bank's kept memory where it is free (see
+    :mod:`~moe_zoo.core.gradient_buffers`)."""
     out = spec.gradient_buffers.take(name, (routed.num_experts, left.shape[1], right.shape[1]), left)
-    return expert_outer(left, right, routed, out=out)
+    return expert_outer(left, right, routed, out=out, right_index=right_index)
 
 
 def _add_expert_bias(rows: torch.Tensor, bias: torch.Tensor | None, routed: RoutedPairs) -> None:
@@ -85,8 +93,10 @@ class _ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: _Spec, routed: RoutedPairs, x, pair_weights, up_weight, up_bias, down_weight, down_bias):
-        rows = x.index_select(0, routed.tokens)
-        pre = expert_linear(rows, up_weight, routed)
+        gather_fused = fuses_gather(routed, x, up_weight)  # the Triton kernels read x[tokens] in place
+        rows = x if gather_fused else x.index_select(0, routed.tokens)
+        row_index = routed.tokens if gather_fused else None
+        pre = expert_linear(rows, up_weight, routed, index=row_index)
         _add_expert_bias(pre, up_bias, routed)
         hidden, hidden_graph = combine_forward(spec.combine, (pre,), spec.differentiable)
         down = expert_linear(hidden, down_weight, routed)
@@ -95,7 +105,7 @@ class _ExpertsFunction(torch.autograd.Function):
         out = routed.sum_per_token(down, slot_weights)
         if not spec.differentiable:
             return out
-        ctx.spec, ctx.routed, ctx.hidden_graph = spec, routed, hidden_graph
+        ctx.spec, ctx.routed, ctx.hidden_graph, ctx.gather_fused = spec, routed, hidden_graph, gather_fused
         ctx.save_for_backward(rows, pair_weights, hidden, pre, up_weight, down_weight, down_bias)
         return out
 
@@ -129,7 +139,8 @@ class _ExpertsFunction(torch.autograd.Function):
         del grad_hidden
         grad_up_weight = None
         if needs[4]:
-            grad_up_weight = _weight_gradient(spec, "up", grad_pre, rows, routed).to(up_weight.dtype)
+            row_index = routed.tokens if ctx.gather_fused else None
+            grad_up_weight = _weight_gradient(spec, "up", grad_pre, rows, routed, row_index).to(up_weight.dtype)
         grad_up_bias = _expert_sums(grad_pre, routed).to(up_weight.dtype) if needs[5] else None
         grad_x = None
         if needs[2]:

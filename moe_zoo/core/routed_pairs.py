@@ -4,9 +4,11 @@ The layout every grouped expert pass of the core works in (the experts implement
 :mod:`moe_zoo.core.fused_experts` and the LoRA experts of :mod:`moe_zoo.core.lora_experts`): the pairs are sorted
 by expert with one sort (:func:`route_pairs`), so each expert's rows are contiguous and
 
-- :func:`expert_linear` runs ``weight[e] @ row`` for all pairs as one ``torch._grouped_mm`` (on CUDA, where it runs
-  for the dtype) or a loop over the experts' row blocks (a handful of ``mm`` / in-place ``addmm_``, never a loop over
-  tokens), and :func:`expert_outer` its weight gradient;
+- :func:`expert_linear` runs ``weight[e] @ row`` for all pairs, and :func:`expert_outer` its weight gradient, with
+  the first of these that runs for the device and dtype: moe_zoo's Triton kernels (on CUDA where Triton is
+  installed, :mod:`~moe_zoo.core.triton_grouped`, which also read gathered rows in place), one
+  ``torch._grouped_mm`` (on CUDA), or a loop over the experts' row blocks (a handful of ``mm`` / in-place ``addmm_``,
+  never a loop over tokens);
 - :meth:`RoutedPairs.sum_per_token` puts per-pair rows back in token order with the routing weights by a gather and
   one batched ``(1, k) @ (k, D)`` product per token, never with ``index_add_`` (atomic on GPU; on CPU fast on one
   thread but slow with several);
@@ -20,7 +22,10 @@ of null and zero-computation experts past the bank) marks an empty slot: it gets
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -38,7 +43,8 @@ class RoutedPairs(ExpertGroups):
     :func:`~moe_zoo.core.experts.group_by_expert`'s sort (``pairs``, ``tokens``, ``counts``, ``spans()``), plus:
     ``slot_pair[s]`` maps each slot back to its pair row (0 for an empty slot, whose ``slot_mask`` is 0), so a
     per-pair tensor is put back in token order by one gather; ``offsets`` (int32, cumulative counts) are what
-    ``torch._grouped_mm`` takes.
+    ``torch._grouped_mm`` takes; ``grouped`` and ``triton`` say whether the matmuls may use ``torch._grouped_mm`` and
+    the Triton kernels (each only where it runs for the operands).
     """
 
     num_tokens: int
@@ -48,6 +54,7 @@ class RoutedPairs(ExpertGroups):
     slot_pair: torch.Tensor
     slot_mask: torch.Tensor
     grouped: bool
+    triton: bool = False
 
     @functools.cached_property
     def experts(self) -> torch.Tensor:
@@ -114,10 +121,18 @@ class Scratch:
         return buffer[:numel].view(-1, like.shape[-1])
 
 
-def route_pairs(expert_indices: torch.Tensor, num_experts: int, grouped: bool | None = None) -> RoutedPairs:
+TRITON_SWITCH = "MOE_ZOO_TRITON"
+"""Set to ``0`` to keep the Triton kernels off on CUDA (``torch._grouped_mm`` then runs where it can)."""
+
+
+def route_pairs(
+    expert_indices: torch.Tensor, num_experts: int, grouped: bool | None = None, triton: bool | None = None
+) -> RoutedPairs:
     """Sort the routed pairs of ``expert_indices (T, k)`` by expert (one sort, one host sync for the counts).
 
-    ``grouped``: run the per-expert matmuls with ``torch._grouped_mm`` (None: on CUDA when it runs there)."""
+    ``grouped``: run the per-expert matmuls with ``torch._grouped_mm`` (None: on CUDA when it runs there).
+    ``triton``: with moe_zoo's Triton kernels, before ``torch._grouped_mm`` (None: on CUDA when Triton is installed,
+    unless ``MOE_ZOO_TRITON=0``; True also on CPU tensors, which runs under ``TRITON_INTERPRET=1`` only)."""
     num_tokens, top_k = expert_indices.shape
     groups = group_by_expert(expert_indices, num_experts)
     device = expert_indices.device
@@ -126,6 +141,8 @@ def route_pairs(expert_indices: torch.Tensor, num_experts: int, grouped: bool | 
     offsets = torch.tensor(groups.counts, dtype=torch.long).cumsum(0).to(device=device, dtype=torch.int32)
     if grouped is None:
         grouped = device.type == "cuda"
+    if triton is None:
+        triton = device.type == "cuda" and os.environ.get(TRITON_SWITCH, "1") != "0"
     return RoutedPairs(
         num_tokens=num_tokens,
         top_k=top_k,
@@ -137,6 +154,7 @@ def route_pairs(expert_indices: torch.Tensor, num_experts: int, grouped: bool | 
         slot_pair=slot_pair,
         slot_mask=expert_indices < num_experts,
         grouped=grouped,
+        triton=triton,
     )
 
 
@@ -157,6 +175,29 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """:mod:`~moe_zoo.core.triton_grouped`, or None where Triton is not installed (imported on first use only)."""
+    try:
+        return importlib.import_module(".triton_grouped", __package__)
+    except ImportError:
+        return None
+
+
+def _use_triton(routed: RoutedPairs, *operands: torch.Tensor) -> bool:
+    first = operands[0]
+    if not routed.triton or any(t.dtype != first.dtype or t.device != first.device for t in operands):
+        return False
+    kernels = _triton_kernels()
+    return kernels is not None and kernels.works(first.device.type, first.dtype)
+
+
+def fuses_gather(routed: RoutedPairs, rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`expert_linear` and :func:`expert_outer` read ``rows[index]`` in place for these operands (the
+    Triton kernels), so a caller keeps ``rows`` and the index instead of a gathered copy."""
+    return _use_triton(routed, rows, weight)
+
+
 def _aligned(tensor: torch.Tensor) -> bool:
     """``torch._grouped_mm`` needs 16-byte aligned data and strides (all but the unit one)."""
     step = max(1, 16 // tensor.element_size())
@@ -174,10 +215,20 @@ def _use_grouped(routed: RoutedPairs, *operands: torch.Tensor) -> bool:
 
 
 def expert_linear(
-    rows: torch.Tensor, weight: torch.Tensor, routed: RoutedPairs, out: torch.Tensor | None = None
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    routed: RoutedPairs,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``weight[e_p] @ rows[p]`` for expert-sorted ``rows (P, in)`` and ``weight (E, out, in)``, as ``(P, out)``;
-    added to ``out`` in place when given."""
+    added to ``out`` in place when given. With ``index (P,)``, row ``p`` is ``rows[index[p]]`` (read in place by the
+    Triton kernel, gathered first otherwise)."""
+    if _use_triton(routed, rows, weight):
+        result = _triton_kernels().grouped_linear(rows, weight, routed.counts, index)
+        return result if out is None else out.add_(result.to(out.dtype))
+    if index is not None:
+        rows = rows.index_select(0, index)
     mat_b = weight.transpose(1, 2)
     if _use_grouped(routed, rows, mat_b) and rows.shape[0]:
         result = torch._grouped_mm(rows, mat_b, offs=routed.offsets)
@@ -193,17 +244,26 @@ def expert_linear(
 
 
 def expert_outer(
-    left: torch.Tensor, right: torch.Tensor, routed: RoutedPairs, out: torch.Tensor | None = None
+    left: torch.Tensor,
+    right: torch.Tensor,
+    routed: RoutedPairs,
+    out: torch.Tensor | None = None,
+    right_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[e] = sum_{p in e} left[p] right[p]^T``, a contiguous ``(E, a, b)`` from ``left (P, a)`` and
-    ``right (P, b)``: the weight gradient of :func:`expert_linear` (zero for an expert without pairs). Written into
-    ``out`` (contiguous, uninitialised) when given, e.g. kept memory from
+    ``right (P, b)``: the weight gradient of :func:`expert_linear` (zero for an expert without pairs). With
+    ``right_index``, row ``p`` of the right side is ``right[right_index[p]]``, as in :func:`expert_linear`. Written
+    into ``out`` (contiguous, uninitialised) when given, e.g. kept memory from
     :class:`~moe_zoo.core.gradient_buffers.GradientBuffers`; the ``torch._grouped_mm`` path returns its own.
 
     Contiguous, because autograd copies a gradient whose strides differ from its parameter's (for a full expert
     bank that copy costs more than the products). When ``b < a`` each product is computed as its transpose,
     ``right^T left``, written into the transposed view of ``out[e]``: MKL runs the narrower side as rows about
     1.6x faster (measured for a LoRA rank and for ``H < 2I``), and no copy is made."""
+    if _use_triton(routed, left, right):
+        return _triton_kernels().grouped_outer(left, right, routed.counts, right_index=right_index, out=out)
+    if right_index is not None:
+        right = right.index_select(0, right_index)
     mat_a = left.t()
     if _use_grouped(routed, mat_a, right) and left.shape[0]:
         return torch._grouped_mm(mat_a, right, offs=routed.offsets)

@@ -1,0 +1,94 @@
+"""Run by ``test_triton_grouped.py`` in a subprocess under ``TRITON_INTERPRET=1`` (the environment variable must be
+set before Triton compiles anything, so it cannot share the test process): moe_zoo's Triton grouped GEMMs on CPU
+tensors against torch, and a whole expert bank forward and backward through them against the per-expert loop.
+Prints one JSON object of largest absolute differences and facts for the test to assert on."""
+
+import functools
+import json
+
+import torch
+from transformers import PreTrainedConfig
+
+from moe_zoo.core import GatedExperts, MoeOptions, fused_experts, routed_pairs
+from moe_zoo.core.triton_grouped import grouped_linear, grouped_outer, works
+
+
+class BankConfig(PreTrainedConfig, MoeOptions):
+    model_type = "moe_zoo_test_triton_bank"
+
+
+def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def kernel_differences() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    counts = [0, 7, 70, 3, 0, 130]  # empty experts, a tile boundary crossed, a partial last tile
+    num_pairs, num_experts = sum(counts), len(counts)
+    experts = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(counts))
+    x = torch.randn(50, 72, generator=generator)
+    index = torch.randint(0, 50, (num_pairs,), generator=generator)
+    weight = torch.randn(num_experts, 33, 72, generator=generator)
+    transposed = torch.randn(num_experts, 72, 33, generator=generator).transpose(1, 2)  # the down weight's view
+    left = torch.randn(num_pairs, 33, generator=generator)
+    strided_out = torch.empty(num_experts, 72, 33).transpose(1, 2)
+    grouped_outer(left, x, counts, right_index=index, out=strided_out)
+    expected_outer = torch.stack([left[experts == e].t() @ x[index][experts == e] for e in range(num_experts)])
+    return {
+        "linear_gathered": _max_difference(
+            grouped_linear(x, weight, counts, index), torch.einsum("pi,poi->po", x[index], weight[experts])
+        ),
+        "linear_transposed_weight": _max_difference(
+            grouped_linear(x[index], transposed, counts), torch.einsum("pi,poi->po", x[index], transposed[experts])
+        ),
+        "outer_gathered": _max_difference(grouped_outer(left, x, counts, right_index=index), expected_outer),
+        "outer_into_strided_out": _max_difference(strided_out, expected_outer),
+        "outer_empty_experts_zero": float(grouped_outer(left, x, counts, right_index=index)[[0, 4]].abs().max()),
+        "no_pairs_shape": list(grouped_linear(x, weight, [0] * num_experts).shape),
+    }
+
+
+def bank_differences() -> dict:
+    """A gated bank through ``moe_zoo``'s experts implementation with the Triton kernels against the same bank
+    through the per-expert loop: outputs and every gradient, with an empty slot and a token routed nowhere."""
+    config = BankConfig(num_experts=5)
+    config._experts_implementation = fused_experts.IMPLEMENTATION_NAME
+    torch.manual_seed(0)
+    bank = GatedExperts(config, 5, 24, 40, "silu")
+    with torch.no_grad():
+        for param in bank.parameters():
+            param.normal_(0, 0.3)
+    generator = torch.Generator().manual_seed(2)
+    indices = torch.stack([torch.randperm(5, generator=generator)[:2] for _ in range(37)])
+    indices[3, 1] = 5  # an empty slot
+    indices[8] = 6  # a token routed nowhere
+    x = torch.randn(37, 24, generator=generator)
+    weights = torch.rand(37, 2, generator=generator)
+    grad = torch.randn(37, 24, generator=generator)
+    results, saved_rows = [], []
+    plain_route_pairs = fused_experts.route_pairs
+    for triton in (False, True):
+        fused_experts.route_pairs = functools.partial(plain_route_pairs, triton=triton)
+        inputs, routing = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = bank(inputs, indices, routing)
+        saved_rows.append(list(out.grad_fn.saved_tensors[0].shape))
+        out.backward(grad)
+        results.append(
+            (out.detach(), inputs.grad, routing.grad, {n: p.grad.clone() for n, p in bank.named_parameters()})
+        )
+        bank.zero_grad()
+    fused_experts.route_pairs = plain_route_pairs
+    (out_a, gx_a, gw_a, gp_a), (out_b, gx_b, gw_b, gp_b) = results
+    routed = routed_pairs.route_pairs(indices, 5, triton=True)
+    return {
+        "fuses_gather": routed_pairs.fuses_gather(routed, x, bank.gate_up_proj),
+        "saved_rows_shapes": saved_rows,
+        "output": _max_difference(out_a, out_b),
+        "grad_input": _max_difference(gx_a, gx_b),
+        "grad_routing_weights": _max_difference(gw_a, gw_b),
+        "grad_parameters": max(_max_difference(gp_a[n], gp_b[n]) for n in gp_a),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps({"works": works("cpu", torch.float32), **kernel_differences(), **bank_differences()}))
