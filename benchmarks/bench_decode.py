@@ -13,28 +13,31 @@ router and expert weights. This machine is noisy: compare ratios from one run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from bench_moe_block import OURS, moe_zoo_block
-from timing import add_machine_options, environment, interleaved_medians, run_measured, write_report
+from timing import add_machine_options, environment, interleaved_medians, run_measured, synchronize, write_report
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm", OURS)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def bandwidth_gb_per_s(megabytes: int = 512, repeats: int = 5) -> float:
-    """Read + write bandwidth of a large copy (the median of ``repeats``), in GB/s."""
-    source = torch.ones(megabytes * 2**18)
+def bandwidth_gb_per_s(megabytes: int = 512, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Read + write bandwidth of a large copy on ``device`` (the median of ``repeats`` after one warm-up), in GB/s."""
+    source = torch.ones(megabytes * 2**18, device=device)
     target = torch.empty_like(source)
-    target.copy_(source)
     times = []
-    for _ in range(repeats):
+    for index in range(repeats + 1):
+        synchronize(source.device)
         start = time.perf_counter()
         target.copy_(source)
-        times.append(time.perf_counter() - start)
-    return 2 * source.nbytes / sorted(times)[repeats // 2] / 1e9
+        synchronize(source.device)
+        if index:
+            times.append(time.perf_counter() - start)
+    return 2 * source.nbytes / statistics.median(times) / 1e9
 
 
 def active_expert_bytes(block, x: torch.Tensor) -> int:

@@ -56,7 +56,10 @@ def moe_zoo_block(implementation: str, hidden: int, intermediate: int, experts: 
     return block
 
 
-def _qwen3_moe_block(implementation: str, hidden: int, intermediate: int, experts: int, top_k: int, weights: dict):
+def qwen3_moe_block(
+    implementation: str, hidden: int, intermediate: int, experts: int, top_k: int, weights: dict | None = None
+) -> Qwen3MoeSparseMoeBlock:
+    """transformers' Qwen3-MoE block at this shape with ``implementation`` experts (``weights``: a state dict)."""
     config = Qwen3MoeConfig(
         hidden_size=hidden,
         moe_intermediate_size=intermediate,
@@ -66,7 +69,8 @@ def _qwen3_moe_block(implementation: str, hidden: int, intermediate: int, expert
     )
     config._experts_implementation = implementation
     block = Qwen3MoeSparseMoeBlock(config)
-    block.load_state_dict(weights)
+    if weights is not None:
+        block.load_state_dict(weights)
     return block
 
 
@@ -79,7 +83,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
     ours = moe_zoo_block(OURS, hidden, intermediate, experts, top_k)
     weights = {name: ours.state_dict()[name] for name in ("gate.weight", "experts.gate_up_proj", "experts.down_proj")}
     for implementation in ("eager", "grouped_mm", OURS):
-        variants[f"transformers_qwen3_moe[{implementation}]"] = _qwen3_moe_block(
+        variants[f"transformers_qwen3_moe[{implementation}]"] = qwen3_moe_block(
             implementation, hidden, intermediate, experts, top_k, weights
         )
     # batched_mm gathers a private copy of the expert weights for every (token, expert) pair: fine for decoding,

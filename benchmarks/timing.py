@@ -42,6 +42,12 @@ def forward_steps(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], 
     return {"forward_ms": forward, "forward_backward_ms": forward_backward}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; a CPU step is done when it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def forward_step(model: nn.Module, batch: dict, **options) -> Callable[[], None]:
     """A step that runs ``model(**batch, **options)`` without gradients (a whole model's forward, by keywords)."""
 

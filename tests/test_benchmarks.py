@@ -5,6 +5,9 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -28,6 +31,35 @@ def test_moe_block_benchmark_writes_json(tmp_path):
         assert all(isinstance(n, int) and n >= 0 for n in timing["page_faults"].values()), name
         if name != "dense_floor":  # every MoE variant computes the same function as transformers' eager block
             assert timing["max_abs_error_vs_transformers_eager"] <= 1e-5, name
+
+
+def test_gpu_block_benchmark_runs_on_cpu_and_refuses_a_missing_gpu(tmp_path, capsys):
+    """The GPU benchmark's code path at tiny sizes on CPU (the figures it is for need a GPU: see its docstring)."""
+    import bench_gpu_block
+
+    output = tmp_path / "gpu.json"
+    report = bench_gpu_block.main(["--device", "cpu", "--quick", "--output", str(output)])
+    assert json.loads(output.read_text()) == report
+    ours, torch_path = "transformers_qwen3_moe[moe_zoo]", "transformers_qwen3_moe[moe_zoo, MOE_ZOO_TRITON=0]"
+    assert set(report["results"]) == {
+        "dense_floor",
+        "transformers_qwen3_moe[eager]",
+        "transformers_qwen3_moe[grouped_mm]",
+        ours,
+        torch_path,
+    }
+    for name, timing in report["results"].items():
+        for key in ("forward_backward_vs_dense_floor", "forward_backward_speedup_over_grouped_mm"):
+            assert math.isfinite(timing[key]) and timing[key] > 0, (name, key)
+        if name != "dense_floor":
+            assert timing["max_abs_error_vs_transformers_eager"] <= 1e-5, name
+    assert report["results"]["transformers_qwen3_moe[grouped_mm]"]["forward_speedup_over_grouped_mm"] == 1.0
+    assert {"1", "4"} <= set(report["decode"]) and report["decode"]["bandwidth_gb_per_s"] > 0
+    assert report["decode"]["4"][ours]["vs_floor"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench_gpu_block.main(["--quick"])
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_mixlora_benchmark_quick_mode_writes_json(tmp_path):
