@@ -45,6 +45,15 @@ def test_expert_bank_through_triton_matches_the_loop(interpreted):
     assert interpreted["saved_rows_shapes"] == [[71, 24], [37, 24]]
     for key in ("output", "grad_input", "grad_routing_weights", "grad_parameters"):
         assert interpreted[key] < 1e-5, key
+    calls = interpreted["bank_differences_kernel_calls"]  # forward: up, down; backward: W_d^T g, W_u^T g
+    assert calls == {"grouped_linear": 4, "grouped_outer": 2}  # one weight gradient per projection
+
+
+def test_lora_experts_through_triton_match_the_loop(interpreted):
+    """MixLoRA's LoRA-expert kernel runs its matmuls through the same functions: output and gradients agree."""
+    assert interpreted["lora_experts"] < 1e-5
+    calls = interpreted["lora_experts_differences_kernel_calls"]
+    assert calls["grouped_linear"] >= 3 and calls["grouped_outer"] >= 6  # every projection's LoRA A and B
 
 
 def test_cpu_defaults_leave_triton_off():

@@ -9,7 +9,16 @@ import json
 import torch
 from transformers import PreTrainedConfig
 
-from moe_zoo.core import GatedExperts, MoeOptions, fused_experts, routed_pairs
+from moe_zoo.core import (
+    GatedCombine,
+    GatedExperts,
+    LoraProjection,
+    MoeOptions,
+    fused_experts,
+    lora_experts,
+    routed_pairs,
+    triton_grouped,
+)
 from moe_zoo.core.triton_grouped import grouped_linear, grouped_outer, works
 
 
@@ -90,5 +99,63 @@ def bank_differences() -> dict:
     }
 
 
+def lora_experts_differences() -> dict:
+    """MixLoRA's kernel (:func:`~moe_zoo.core.lora_experts.lora_experts_ffn`, gated, rank 4, LoRA on every
+    projection) with the Triton kernels against the per-expert loop: output and the gradients of the input, the
+    routing weights and every LoRA tensor (at this size the eager pass runs, which is what Triton replaces)."""
+    generator = torch.Generator().manual_seed(3)
+
+    def projection(out: int, inp: int) -> LoraProjection:
+        return LoraProjection(
+            weight=torch.randn(out, inp, generator=generator) * 0.3,
+            lora_A=(torch.randn(4, 4, inp, generator=generator) * 0.3).requires_grad_(),
+            lora_B=(torch.randn(4, out, 4, generator=generator) * 0.3).requires_grad_(),
+        )
+
+    inputs, output = [projection(24, 16), projection(24, 16)], projection(16, 24)
+    indices = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(29)])
+    indices[3] = 4  # a token routed nowhere
+    x, weights = torch.randn(29, 16, generator=generator), torch.rand(29, 2, generator=generator)
+    leaves = [t for proj in (*inputs, output) for t in (proj.lora_A, proj.lora_B)]
+    results = []
+    plain_route_pairs = lora_experts.route_pairs
+    for triton in (False, True):
+        lora_experts.route_pairs = functools.partial(plain_route_pairs, triton=triton)
+        for leaf in leaves:
+            leaf.grad = None
+        inputs_x, routing = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = lora_experts.lora_experts_ffn(
+            inputs_x, routing, indices, 4, inputs, GatedCombine(torch.nn.SiLU()), output, 0.5
+        )
+        out.backward(torch.ones_like(out))
+        results.append([out.detach(), inputs_x.grad, routing.grad, *(leaf.grad.clone() for leaf in leaves)])
+    lora_experts.route_pairs = plain_route_pairs
+    return {"lora_experts": max(_max_difference(a, b) for a, b in zip(*results, strict=True))}
+
+
+def counting_kernel_calls(check) -> dict:
+    """``check()``'s report plus how many times it launched each Triton kernel (so a fallback cannot pass)."""
+    calls = {"grouped_linear": 0, "grouped_outer": 0}
+    originals = {name: getattr(triton_grouped, name) for name in calls}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        setattr(triton_grouped, name, counted(name))
+    try:
+        report = check()
+    finally:
+        for name, original in originals.items():
+            setattr(triton_grouped, name, original)
+    return {**report, f"{check.__name__}_kernel_calls": calls}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"works": works("cpu", torch.float32), **kernel_differences(), **bank_differences()}))
+    report = {"works": works("cpu", torch.float32), **kernel_differences()}
+    report |= counting_kernel_calls(bank_differences) | counting_kernel_calls(lora_experts_differences)
+    print(json.dumps(report))
