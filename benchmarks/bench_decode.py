@@ -13,13 +13,11 @@ router and expert weights. This machine is noisy: compare ratios from one run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from bench_moe_block import OURS, moe_zoo_block
-from timing import add_machine_options, environment, interleaved_medians, run_measured, synchronize, write_report
+from timing import add_machine_options, environment, interleaved_medians, median_seconds, run_measured, write_report
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm", OURS)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -29,25 +27,22 @@ def bandwidth_gb_per_s(megabytes: int = 512, repeats: int = 5, device: torch.dev
     """Read + write bandwidth of a large copy on ``device`` (the median of ``repeats`` after one warm-up), in GB/s."""
     source = torch.ones(megabytes * 2**18, device=device)
     target = torch.empty_like(source)
-    times = []
-    for index in range(repeats + 1):
-        synchronize(source.device)
-        start = time.perf_counter()
-        target.copy_(source)
-        synchronize(source.device)
-        if index:
-            times.append(time.perf_counter() - start)
-    return 2 * source.nbytes / statistics.median(times) / 1e9
+    return 2 * source.nbytes / median_seconds(lambda: target.copy_(source), repeats, source.device) / 1e9
+
+
+def routed_expert_bytes(bank, router_weight: torch.Tensor, indices: torch.Tensor) -> int:
+    """Bytes of the experts of ``bank`` that ``indices`` route to (each read once; empty slots skipped) plus the
+    router's: what a decoding step must read."""
+    experts = torch.unique(indices[indices < bank.num_experts]).numel()
+    per_expert = (bank.gate_up_proj[0].numel() + bank.down_proj[0].numel()) * bank.down_proj.element_size()
+    return experts * per_expert + router_weight.numel() * router_weight.element_size()
 
 
 def active_expert_bytes(block, x: torch.Tensor) -> int:
-    """Bytes of the expert weights that ``x``'s tokens are routed to (each expert read once) plus the router."""
+    """:func:`routed_expert_bytes` of the experts moe_zoo's ``block`` routes ``x``'s tokens to."""
     with torch.no_grad():
         _, _, indices = block.route(x.reshape(-1, x.shape[-1]))
-    experts = torch.unique(indices[indices < block.num_experts]).numel()
-    bank = block.experts
-    per_expert = (bank.gate_up_proj[0].numel() + bank.down_proj[0].numel()) * bank.down_proj.element_size()
-    return experts * per_expert + block.gate.weight.numel() * block.gate.weight.element_size()
+    return routed_expert_bytes(block.experts, block.gate.weight, indices)
 
 
 def run(hidden: int, intermediate: int, experts: int, top_k: int, token_counts, repeats: int) -> dict:

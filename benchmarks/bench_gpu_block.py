@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
-from bench_decode import TOKEN_COUNTS, bandwidth_gb_per_s
+from bench_decode import TOKEN_COUNTS, bandwidth_gb_per_s, routed_expert_bytes
 from bench_moe_block import OURS, qwen3_moe_block
-from timing import environment, forward_steps, interleaved_step_medians, synchronize, write_report
+from timing import environment, forward_steps, interleaved_step_medians, median_seconds, synchronize, write_report
 from torch import nn
 
 from moe_zoo.core import GatedMLP
@@ -53,16 +52,8 @@ class WithEnvironment(nn.Module):
         self.module, self.variables = module, variables
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saved = {name: os.environ.get(name) for name in self.variables}
-        os.environ.update(self.variables)
-        try:
+        with mock.patch.dict(os.environ, self.variables):
             return self.module(x)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name)
-                else:
-                    os.environ[name] = value
 
 
 def _synchronized(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
@@ -98,15 +89,7 @@ def dense_gemm_tflops(rows: int, hidden: int, width: int, device, dtype, repeats
     """The rate of one dense ``(rows, H) @ (H, width)`` GEMM: what a grouped GEMM of the same size could reach."""
     a = torch.randn(rows, hidden, device=device, dtype=dtype)
     b = torch.randn(hidden, width, device=device, dtype=dtype)
-    times = []
-    for index in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        if index:
-            times.append(time.perf_counter() - start)
-    return 2 * rows * hidden * width / statistics.median(times) / 1e12
+    return 2 * rows * hidden * width / median_seconds(lambda: torch.mm(a, b), repeats, device) / 1e12
 
 
 def peak_extra_mib(module: nn.Module, x: torch.Tensor) -> float | None:
@@ -121,16 +104,6 @@ def peak_extra_mib(module: nn.Module, x: torch.Tensor) -> float | None:
     step()
     torch.cuda.synchronize(x.device)
     return round((torch.cuda.max_memory_allocated(x.device) - before) / 2**20, 1)
-
-
-def routed_expert_bytes(block: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the experts ``x``'s tokens are routed to (each read once) plus the router's."""
-    with torch.no_grad():
-        _, _, indices = block.gate(x.reshape(-1, x.shape[-1]))
-    bank = block.experts
-    per_expert = (bank.gate_up_proj[0].numel() + bank.down_proj[0].numel()) * bank.down_proj.element_size()
-    router = block.gate.weight.numel() * block.gate.weight.element_size()
-    return torch.unique(indices).numel() * per_expert + router
 
 
 def run(shape: dict, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int, decode_tokens) -> dict:
@@ -190,7 +163,9 @@ def decode(modules: dict, shape: dict, device, dtype, repeats: int, token_counts
             name: {"forward_ms": _synchronized(forward_steps(m, x)["forward_ms"], device)} for name, m in moe.items()
         }
         timings = interleaved_step_medians(steps, repeats)
-        floor_ms = routed_expert_bytes(reference, x) / (bandwidth * 1e9) * 1e3
+        with torch.no_grad():
+            _, _, indices = reference.gate(x.reshape(-1, x.shape[-1]))
+        floor_ms = routed_expert_bytes(reference.experts, reference.gate.weight, indices) / (bandwidth * 1e9) * 1e3
         rows[str(tokens)] = {
             "bandwidth_floor_ms": round(floor_ms, 4),
             **{

@@ -48,6 +48,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up, each waited for on ``device``."""
+    times = []
+    for index in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if index:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def forward_step(model: nn.Module, batch: dict, **options) -> Callable[[], None]:
     """A step that runs ``model(**batch, **options)`` without gradients (a whole model's forward, by keywords)."""
 

@@ -94,8 +94,7 @@ class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, routed: RoutedPairs, x, pair_weights, up_weight, up_bias, down_weight, down_bias):
         gather_fused = fuses_gather(routed, x, up_weight)  # the Triton kernels read x[tokens] in place
-        rows = x if gather_fused else x.index_select(0, routed.tokens)
-        row_index = routed.tokens if gather_fused else None
+        rows, row_index = (x, routed.tokens) if gather_fused else (x.index_select(0, routed.tokens), None)
         pre = expert_linear(rows, up_weight, routed, index=row_index)
         _add_expert_bias(pre, up_bias, routed)
         hidden, hidden_graph = combine_forward(spec.combine, (pre,), spec.differentiable)
@@ -105,7 +104,7 @@ class _ExpertsFunction(torch.autograd.Function):
         out = routed.sum_per_token(down, slot_weights)
         if not spec.differentiable:
             return out
-        ctx.spec, ctx.routed, ctx.hidden_graph, ctx.gather_fused = spec, routed, hidden_graph, gather_fused
+        ctx.spec, ctx.routed, ctx.hidden_graph, ctx.row_index = spec, routed, hidden_graph, row_index
         ctx.save_for_backward(rows, pair_weights, hidden, pre, up_weight, down_weight, down_bias)
         return out
 
@@ -139,8 +138,7 @@ class _ExpertsFunction(torch.autograd.Function):
         del grad_hidden
         grad_up_weight = None
         if needs[4]:
-            row_index = routed.tokens if ctx.gather_fused else None
-            grad_up_weight = _weight_gradient(spec, "up", grad_pre, rows, routed, row_index).to(up_weight.dtype)
+            grad_up_weight = _weight_gradient(spec, "up", grad_pre, rows, routed, ctx.row_index).to(up_weight.dtype)
         grad_up_bias = _expert_sums(grad_pre, routed).to(up_weight.dtype) if needs[5] else None
         grad_x = None
         if needs[2]:

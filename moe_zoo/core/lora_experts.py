@@ -333,7 +333,8 @@ def lora_experts_ffn(
         scaling: the LoRA scaling ``s`` (``alpha / r``).
         dropout: LoRA dropout probability, applied to what each LoRA A reads, independently per pair and
             projection as a per-expert ``nn.Dropout`` would; pass 0 at eval.
-        grouped: per-expert matmuls with ``torch._grouped_mm`` (None: on CUDA, where it runs for the dtype).
+        grouped: per-expert matmuls with ``torch._grouped_mm`` (None: on CUDA, where it runs for the dtype);
+            on CUDA moe_zoo's Triton kernels come first either way (see :func:`~moe_zoo.core.routed_pairs.route_pairs`).
 
     Returns ``(T, out)``. Frozen weights and biases get gradients only if they require one.
     """

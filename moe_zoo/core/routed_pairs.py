@@ -54,7 +54,7 @@ class RoutedPairs(ExpertGroups):
     slot_pair: torch.Tensor
     slot_mask: torch.Tensor
     grouped: bool
-    triton: bool = False
+    triton: bool
 
     @functools.cached_property
     def experts(self) -> torch.Tensor:
@@ -225,7 +225,7 @@ def expert_linear(
     added to ``out`` in place when given. With ``index (P,)``, row ``p`` is ``rows[index[p]]`` (read in place by the
     Triton kernel, gathered first otherwise)."""
     if _use_triton(routed, rows, weight):
-        result = _triton_kernels().grouped_linear(rows, weight, routed.counts, index)
+        result = _triton_kernels().grouped_linear(rows, weight, routed, index)
         return result if out is None else out.add_(result.to(out.dtype))
     if index is not None:
         rows = rows.index_select(0, index)
@@ -261,7 +261,7 @@ def expert_outer(
     ``right^T left``, written into the transposed view of ``out[e]``: MKL runs the narrower side as rows about
     1.6x faster (measured for a LoRA rank and for ``H < 2I``), and no copy is made."""
     if _use_triton(routed, left, right):
-        return _triton_kernels().grouped_outer(left, right, routed.counts, right_index=right_index, out=out)
+        return _triton_kernels().grouped_outer(left, right, routed, right_index=right_index, out=out)
     if right_index is not None:
         right = right.index_select(0, right_index)
     mat_a = left.t()

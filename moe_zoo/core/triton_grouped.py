@@ -5,12 +5,12 @@ The two products every expert pass of the core is made of (see :mod:`~moe_zoo.co
 - :func:`grouped_linear`: ``out[p] = weight[e_p] @ x[index[p]]``, the rows read straight from ``x`` through
   ``index`` (the pairs' token rows), so the forward never writes the ``(T * k, H)`` gathered copy and the backward
   need not keep it;
-- :func:`grouped_outer`: ``out[e] = sum_{p in e} left[li[p]] right[ri[p]]^T``, the weight gradient, each side read
-  through its own optional index.
+- :func:`grouped_outer`: ``out[e] = sum_{p in e} left[p] right[index[p]]^T``, the weight gradient, the right side
+  read through the same optional index.
 
 One program computes one tile of one expert: a linear tile is ``BLOCK_M`` consecutive pairs of a single expert (the
-block table, built on the host from the counts the routing already synced, so no device sync is added), an outer
-tile loops over that expert's pairs. Accumulation is fp32; fp32 inputs use TF32 only when
+block table, computed on the device from the routing's ``offsets``, sized by the counts the routing already synced:
+no transfer and no device sync), an outer tile loops over that expert's pairs. Accumulation is fp32; fp32 inputs use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` allows it, as torch's own matmuls do. bf16, fp16 and fp32 run.
 
 Only imported where Triton is installed; :func:`works` probes a device type and dtype once against torch (a
@@ -25,8 +25,11 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .routed_pairs import RoutedPairs, route_pairs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -80,7 +83,6 @@ def _grouped_linear_kernel(
 @triton.jit
 def _grouped_outer_kernel(
     left_ptr,
-    left_index_ptr,
     right_ptr,
     right_index_ptr,
     out_ptr,
@@ -94,7 +96,6 @@ def _grouped_outer_kernel(
     stride_oe,
     stride_oa,
     stride_ob,
-    GATHER_LEFT: tl.constexpr,
     GATHER_RIGHT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_A: tl.constexpr,
@@ -110,9 +111,8 @@ def _grouped_outer_kernel(
     for start in range(first, stop, BLOCK_P):
         pairs = start + tl.arange(0, BLOCK_P)
         in_pairs = pairs < stop
-        left_rows = tl.load(left_index_ptr + pairs, mask=in_pairs, other=0) if GATHER_LEFT else pairs
         right_rows = tl.load(right_index_ptr + pairs, mask=in_pairs, other=0) if GATHER_RIGHT else pairs
-        left_ptrs = left_ptr + left_rows.to(tl.int64)[None, :] * stride_lp + cols_a[:, None] * stride_la
+        left_ptrs = left_ptr + pairs.to(tl.int64)[None, :] * stride_lp + cols_a[:, None] * stride_la
         right_ptrs = right_ptr + right_rows.to(tl.int64)[:, None] * stride_rp + cols_b[None, :] * stride_rb
         left = tl.load(left_ptrs, mask=in_a[:, None] & in_pairs[None, :], other=0.0)
         right = tl.load(right_ptrs, mask=in_pairs[:, None] & in_b[None, :], other=0.0)
@@ -135,42 +135,41 @@ def _inner_tile(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-def _bounds(counts: list[int], device: torch.device) -> torch.Tensor:
-    """``(E + 1,)`` int32: where each expert's pairs start, and the end."""
-    bounds = torch.zeros(len(counts) + 1, dtype=torch.int32)
-    bounds[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
-    return bounds.to(device)
+def _bounds(routed: RoutedPairs) -> torch.Tensor:
+    """``(E + 1,)`` int32 on the device: where each expert's pairs start, and the end (``offsets`` with a 0 first)."""
+    return F.pad(routed.offsets, (1, 0))
 
 
-def block_table(counts: list[int], block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block_expert, block_start)``: every tile of ``block_m`` consecutive pairs of one expert, from the host-side
-    counts (one transfer, no sync)."""
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    blocks = (counts_t + block_m - 1) // block_m
-    experts = torch.repeat_interleave(torch.arange(len(counts)), blocks)
-    first_block = torch.repeat_interleave(blocks.cumsum(0) - blocks, blocks)
-    expert_start = counts_t.cumsum(0) - counts_t
-    starts = expert_start[experts] + (torch.arange(experts.shape[0]) - first_block) * block_m
-    table = torch.stack([experts, starts]).to(device=device, dtype=torch.int32)
-    return table[0], table[1]
+def block_table(routed: RoutedPairs, bounds: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_expert, block_start)`` int32: every tile of ``block_m`` consecutive pairs of one expert, computed on
+    the device from the routing's :func:`_bounds`; its length comes from the host-side counts, so nothing waits for
+    the GPU."""
+    num_blocks = sum(-(-count // block_m) for count in routed.counts)
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    blocks = (counts + block_m - 1) // block_m
+    experts = torch.arange(routed.num_experts, device=bounds.device)
+    block_expert = torch.repeat_interleave(experts, blocks, output_size=num_blocks)
+    first_block = (torch.cumsum(blocks, 0, dtype=torch.int32) - blocks)[block_expert]
+    tile = torch.arange(num_blocks, device=bounds.device, dtype=torch.int32) - first_block
+    return block_expert.to(torch.int32), starts[block_expert] + tile * block_m
 
 
 def _index_or_dummy(index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The index pointer a kernel takes (unread unless it gathers)."""
     return index if index is not None else like.new_empty(1, dtype=torch.long)
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, counts: list[int], index: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, routed: RoutedPairs, index: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``out[p] = weight[e_p] @ x[index[p]]`` (``x[p]`` without ``index``) for pairs sorted by expert with
-    ``counts[e]`` pairs each: ``x (rows, in)``, ``weight (E, out, in)`` of ``x``'s dtype, any strides -> ``(P, out)``."""
-    num_pairs = sum(counts)
+    """``out[p] = weight[e_p] @ x[index[p]]`` (``x[p]`` without ``index``) for the expert-sorted pairs of ``routed``:
+    ``x (rows, in)``, ``weight (E, out, in)`` of ``x``'s dtype, any strides -> ``(P, out)``."""
     n_out, n_in = weight.shape[1], weight.shape[2]
-    out = x.new_empty(num_pairs, n_out)
-    if num_pairs == 0:
+    out = x.new_empty(routed.num_pairs, n_out)
+    if routed.num_pairs == 0:
         return out
-    block_m, block_n, block_k = 64, _tile(n_out, 128), _inner_tile(x.dtype)
-    block_expert, block_start = block_table(counts, block_m, x.device)
+    block_m, block_n, bounds = 64, _tile(n_out, 128), _bounds(routed)
+    block_expert, block_start = block_table(routed, bounds, block_m)
     grid = (block_expert.shape[0], triton.cdiv(n_out, block_n))
     _grouped_linear_kernel[grid](
         x,
@@ -179,7 +178,7 @@ def grouped_linear(
         out,
         block_expert,
         block_start,
-        _bounds(counts, x.device),
+        bounds,
         n_out,
         n_in,
         *x.stride(),
@@ -189,7 +188,7 @@ def grouped_linear(
         PRECISION=_precision(x.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_K=_inner_tile(x.dtype),
         num_warps=4 if block_n < 128 else 8,
         num_stages=3,
     )
@@ -199,32 +198,29 @@ def grouped_linear(
 def grouped_outer(
     left: torch.Tensor,
     right: torch.Tensor,
-    counts: list[int],
-    left_index: torch.Tensor | None = None,
+    routed: RoutedPairs,
     right_index: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[e] = sum_{p in e} left[li[p]] right[ri[p]]^T`` (each side indexed by pair where its index is None),
-    written into ``out (E, a, b)`` when given (any strides), else a new contiguous one; zero for an expert without
-    pairs."""
+    """``out[e] = sum_{p in e} left[p] right[right_index[p]]^T`` (``right[p]`` without the index) for the
+    expert-sorted pairs of ``routed``, written into ``out (E, a, b)`` when given (any strides), else a new contiguous
+    one; zero for an expert without pairs."""
     size_a, size_b = left.shape[1], right.shape[1]
     if out is None:
-        out = left.new_empty(len(counts), size_a, size_b)
+        out = left.new_empty(routed.num_experts, size_a, size_b)
     block_a, block_b = _tile(size_a, 128), _tile(size_b, 128)
-    grid = (len(counts), triton.cdiv(size_a, block_a), triton.cdiv(size_b, block_b))
+    grid = (routed.num_experts, triton.cdiv(size_a, block_a), triton.cdiv(size_b, block_b))
     _grouped_outer_kernel[grid](
         left,
-        _index_or_dummy(left_index, left),
         right,
         _index_or_dummy(right_index, right),
         out,
-        _bounds(counts, left.device),
+        _bounds(routed),
         size_a,
         size_b,
         *left.stride(),
         *right.stride(),
         *out.stride(),
-        GATHER_LEFT=left_index is not None,
         GATHER_RIGHT=right_index is not None,
         PRECISION=_precision(left.dtype),
         BLOCK_A=block_a,
@@ -236,6 +232,13 @@ def grouped_outer(
     return out
 
 
+def sorted_pairs(counts: list[int], device: torch.device | str = "cpu") -> RoutedPairs:
+    """The routing of ``sum(counts)`` one-slot tokens already in expert order, ``counts[e]`` to expert ``e``: the
+    layout the probe and the tests call the kernels on."""
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return route_pairs(experts.unsqueeze(1).to(device), len(counts), triton=True)
+
+
 @functools.cache
 def works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether both kernels compile and agree with torch on a small problem (gathered, with an empty expert) for
@@ -243,23 +246,8 @@ def works(device_type: str, dtype: torch.dtype) -> bool:
     if dtype not in SUPPORTED_DTYPES:
         return False
     try:
-        generator = torch.Generator().manual_seed(0)
-        counts = [5, 0, 19]
-        x = torch.randn(11, 40, generator=generator).to(device_type, dtype)
-        weight = torch.randn(3, 24, 40, generator=generator).to(device_type, dtype)
-        index = torch.randint(0, 11, (sum(counts),), generator=generator).to(device_type)
-        experts = torch.repeat_interleave(torch.arange(3), torch.tensor(counts)).to(device_type)
-        rows = x.float()[index]
-        expected = torch.einsum("pi,poi->po", rows, weight.float()[experts])
-        linear = grouped_linear(x, weight, counts, index).float()
-        outer = grouped_outer(linear.to(dtype), x, counts, right_index=index).float()
-        expected_outer = torch.stack([(expected[experts == e].t() @ rows[experts == e]) for e in range(3)])
-        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-        good = torch.allclose(linear, expected, rtol=tolerance, atol=tolerance * 40)
-        good = good and torch.allclose(outer, expected_outer, rtol=tolerance, atol=tolerance * 40 * 24)
-        if not good:
-            raise RuntimeError("results differ from torch's")
-        return True
+        with torch.autocast(device_type, enabled=False):  # the first call may come from inside autocast
+            return _probe(device_type, dtype)
     except Exception as error:  # noqa: BLE001 - any failure of a compiler or driver means: use the other path
         warnings.warn(
             f"moe_zoo's Triton grouped GEMMs do not run for {dtype} on {device_type} ({error}); using "
@@ -268,3 +256,24 @@ def works(device_type: str, dtype: torch.dtype) -> bool:
             stacklevel=2,
         )
         return False
+
+
+def _probe(device_type: str, dtype: torch.dtype) -> bool:
+    """Both kernels on a small gathered problem with an empty expert against torch in fp32; raises if they differ."""
+    generator = torch.Generator().manual_seed(0)
+    routed = sorted_pairs([5, 0, 19], device_type)
+    x = torch.randn(11, 40, generator=generator).to(device_type, dtype)
+    weight = torch.randn(3, 24, 40, generator=generator).to(device_type, dtype)
+    index = torch.randint(0, 11, (routed.num_pairs,), generator=generator).to(device_type)
+    experts = routed.experts
+    rows = x.float()[index]
+    expected = torch.einsum("pi,poi->po", rows, weight.float()[experts])
+    linear = grouped_linear(x, weight, routed, index).float()
+    outer = grouped_outer(linear.to(dtype), x, routed, right_index=index).float()
+    expected_outer = torch.stack([(expected[experts == e].t() @ rows[experts == e]) for e in range(3)])
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    linear_good = torch.allclose(linear, expected, rtol=tolerance, atol=tolerance * 40)
+    outer_good = torch.allclose(outer, expected_outer, rtol=tolerance, atol=tolerance * 40 * 24)
+    if not (linear_good and outer_good):
+        raise RuntimeError("results differ from torch's")
+    return True

@@ -56,6 +56,11 @@ def test_lora_experts_through_triton_match_the_loop(interpreted):
     assert calls["grouped_linear"] >= 3 and calls["grouped_outer"] >= 6  # every projection's LoRA A and B
 
 
+def test_probe_turns_off_kernels_that_give_wrong_results(interpreted):
+    assert not interpreted["probe_accepts_wrong_kernel"]
+    assert "results differ from torch's" in interpreted["probe_warning"]
+
+
 def test_cpu_defaults_leave_triton_off():
     routed = route_pairs(torch.tensor([[0, 1], [1, 2]]), 3)
     assert not routed.triton

@@ -5,6 +5,7 @@ Prints one JSON object of largest absolute differences and facts for the test to
 
 import functools
 import json
+import warnings
 
 import torch
 from transformers import PreTrainedConfig
@@ -19,7 +20,7 @@ from moe_zoo.core import (
     routed_pairs,
     triton_grouped,
 )
-from moe_zoo.core.triton_grouped import grouped_linear, grouped_outer, works
+from moe_zoo.core.triton_grouped import grouped_linear, grouped_outer, sorted_pairs, works
 
 
 class BankConfig(PreTrainedConfig, MoeOptions):
@@ -33,27 +34,27 @@ def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 def kernel_differences() -> dict:
     generator = torch.Generator().manual_seed(1)
     counts = [0, 7, 70, 3, 0, 130]  # empty experts, a tile boundary crossed, a partial last tile
-    num_pairs, num_experts = sum(counts), len(counts)
-    experts = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(counts))
+    routed = sorted_pairs(counts)
+    num_pairs, num_experts, experts = routed.num_pairs, routed.num_experts, routed.experts
     x = torch.randn(50, 72, generator=generator)
     index = torch.randint(0, 50, (num_pairs,), generator=generator)
     weight = torch.randn(num_experts, 33, 72, generator=generator)
     transposed = torch.randn(num_experts, 72, 33, generator=generator).transpose(1, 2)  # the down weight's view
     left = torch.randn(num_pairs, 33, generator=generator)
     strided_out = torch.empty(num_experts, 72, 33).transpose(1, 2)
-    grouped_outer(left, x, counts, right_index=index, out=strided_out)
+    grouped_outer(left, x, routed, right_index=index, out=strided_out)
     expected_outer = torch.stack([left[experts == e].t() @ x[index][experts == e] for e in range(num_experts)])
     return {
         "linear_gathered": _max_difference(
-            grouped_linear(x, weight, counts, index), torch.einsum("pi,poi->po", x[index], weight[experts])
+            grouped_linear(x, weight, routed, index), torch.einsum("pi,poi->po", x[index], weight[experts])
         ),
         "linear_transposed_weight": _max_difference(
-            grouped_linear(x[index], transposed, counts), torch.einsum("pi,poi->po", x[index], transposed[experts])
+            grouped_linear(x[index], transposed, routed), torch.einsum("pi,poi->po", x[index], transposed[experts])
         ),
-        "outer_gathered": _max_difference(grouped_outer(left, x, counts, right_index=index), expected_outer),
+        "outer_gathered": _max_difference(grouped_outer(left, x, routed, right_index=index), expected_outer),
         "outer_into_strided_out": _max_difference(strided_out, expected_outer),
-        "outer_empty_experts_zero": float(grouped_outer(left, x, counts, right_index=index)[[0, 4]].abs().max()),
-        "no_pairs_shape": list(grouped_linear(x, weight, [0] * num_experts).shape),
+        "outer_empty_experts_zero": float(grouped_outer(left, x, routed, right_index=index)[[0, 4]].abs().max()),
+        "no_pairs_shape": list(grouped_linear(x, weight, sorted_pairs([0] * num_experts)).shape),
     }
 
 
@@ -155,7 +156,23 @@ def counting_kernel_calls(check) -> dict:
     return {**report, f"{check.__name__}_kernel_calls": calls}
 
 
+def probe_rejects_wrong_results() -> dict:
+    """:func:`works` with a kernel that returns zeros: the probe must turn the path off, with a warning."""
+    original = triton_grouped.grouped_linear
+    triton_grouped.grouped_linear = lambda x, weight, routed, index=None: original(x, weight, routed, index) * 0
+    works.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            accepted = works("cpu", torch.float32)
+    finally:
+        triton_grouped.grouped_linear = original
+        works.cache_clear()
+    return {"probe_accepts_wrong_kernel": accepted, "probe_warning": " ".join(str(w.message) for w in caught)}
+
+
 if __name__ == "__main__":
     report = {"works": works("cpu", torch.float32), **kernel_differences()}
     report |= counting_kernel_calls(bank_differences) | counting_kernel_calls(lora_experts_differences)
+    report |= probe_rejects_wrong_results()
     print(json.dumps(report))

@@ -1,8 +1,6 @@
 """GPU checks (skipped without CUDA or Triton): moe_zoo's compiled Triton grouped GEMMs in bf16 and fp32 against
 torch, and moe_zoo's experts implementation through them against the ``torch._grouped_mm`` path."""
 
-import os
-
 import pytest
 import torch
 
@@ -30,18 +28,18 @@ def no_tf32():
 def test_compiled_kernels_match_torch(dtype):
     assert triton_grouped.works("cuda", dtype)
     generator = torch.Generator().manual_seed(0)
-    counts = [0, 300, 5, 64, 0, 1000, 1, 130]
-    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).cuda()
+    routed = triton_grouped.sorted_pairs([0, 300, 5, 64, 0, 1000, 1, 130], "cuda")
+    experts, num_experts = routed.experts, routed.num_experts
     x = torch.randn(900, 256, generator=generator).cuda()
-    index = torch.randint(0, 900, (sum(counts),), generator=generator).cuda()
-    weight = (torch.randn(len(counts), 384, 256, generator=generator) / 16).cuda()
+    index = torch.randint(0, 900, (routed.num_pairs,), generator=generator).cuda()
+    weight = (torch.randn(num_experts, 384, 256, generator=generator) / 16).cuda()
     rows = x[index]
     expected = torch.einsum("pi,poi->po", rows, weight[experts])
-    out = triton_grouped.grouped_linear(x.to(dtype), weight.to(dtype), counts, index).float()
+    out = triton_grouped.grouped_linear(x.to(dtype), weight.to(dtype), routed, index).float()
     torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
-    left = torch.randn(sum(counts), 384, generator=generator).cuda() / 16
-    expected_outer = torch.stack([left[experts == e].t() @ rows[experts == e] for e in range(len(counts))])
-    outer = triton_grouped.grouped_outer(left.to(dtype), x.to(dtype), counts, right_index=index).float()
+    left = torch.randn(routed.num_pairs, 384, generator=generator).cuda() / 16
+    expected_outer = torch.stack([left[experts == e].t() @ rows[experts == e] for e in range(num_experts)])
+    outer = triton_grouped.grouped_outer(left.to(dtype), x.to(dtype), routed, right_index=index).float()
     torch.testing.assert_close(outer, expected_outer, atol=TOLERANCE[dtype] * 100, rtol=TOLERANCE[dtype])
 
 
@@ -75,7 +73,6 @@ def test_experts_through_triton_match_grouped_mm_path(dtype, monkeypatch):
         out.backward(grad)
         results.append([out, inputs.grad, routing.grad, *(p.grad.clone() for p in bank.parameters())])
         bank.zero_grad()
-    assert os.environ[TRITON_SWITCH] == "0"
     for triton_value, reference in zip(*results, strict=True):
         torch.testing.assert_close(
             triton_value.float(), reference.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 10
