@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 
 from moe_zoo.core import GatedExperts, MoeOptions, release_gradient_buffers
 from moe_zoo.core.fused_experts import IMPLEMENTATION_NAME
-from moe_zoo.core.gradient_buffers import UNSHARED_USE_COUNT, gradient_buffers
+from moe_zoo.core.gradient_buffers import UNSHARED_USE_COUNT, GradientBuffers, gradient_buffers
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K, TOKENS = 8, 12, 4, 2, 16
 
@@ -109,3 +109,13 @@ def test_autograd_grad_results_are_not_overwritten_by_the_next_call():
     (second,) = torch.autograd.grad(bank(*_batch(2)).sum(), [bank.down_proj])
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     assert not torch.equal(first, second)
+
+
+def test_nothing_is_kept_off_cpu():
+    """Off CPU (here the meta device, as a stand-in for CUDA, whose caching allocator already reuses memory) every
+    request gets a fresh tensor and the bank keeps nothing."""
+    buffers = GradientBuffers()
+    like = torch.empty(1, device="meta")
+    first, second = buffers.take("up", (3, 4, 5), like), buffers.take("up", (3, 4, 5), like)
+    assert first.device.type == "meta" and first is not second
+    assert buffers.buffers == {} and buffers.nbytes == 0
