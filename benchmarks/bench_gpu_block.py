@@ -21,15 +21,21 @@ at the device's measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 from bench_decode import TOKEN_COUNTS, bandwidth_gb_per_s, routed_expert_bytes
 from bench_moe_block import OURS, qwen3_moe_block
-from timing import environment, forward_steps, interleaved_step_medians, median_seconds, synchronize, write_report
+from timing import (
+    WithEnvironment,
+    environment,
+    forward_steps,
+    interleaved_step_medians,
+    median_seconds,
+    synchronize,
+    write_report,
+)
 from torch import nn
 
 from moe_zoo.core import GatedMLP
@@ -41,19 +47,6 @@ SHAPES = {
 }
 QUICK_SHAPE = dict(hidden=32, intermediate=48, experts=4, top_k=2)
 TORCH_GROUPED_MM_PATH = f"{OURS}, {TRITON_SWITCH}=0"
-
-
-class WithEnvironment(nn.Module):
-    """``module`` run with environment variables set during its forward (the backward follows what the forward
-    chose): moe_zoo's experts with their Triton kernels switched off."""
-
-    def __init__(self, module: nn.Module, **variables: str):
-        super().__init__()
-        self.module, self.variables = module, variables
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with mock.patch.dict(os.environ, self.variables):
-            return self.module(x)
 
 
 def _synchronized(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:

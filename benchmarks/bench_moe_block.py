@@ -8,7 +8,9 @@ Contenders (every expert bank has the same weights; routing is each block's own,
 - ``transformers_qwen3_moe[eager | grouped_mm | moe_zoo]``: transformers' ``Qwen3MoeSparseMoeBlock`` (its router, its
   experts class) with each experts implementation, ``moe_zoo`` being ours (registered on ``import moe_zoo``);
 - ``moe_zoo_block[eager | batched_mm | grouped_mm | moe_zoo]``: moe_zoo's ``SparseMoeBlock`` with each one
-  (``batched_mm`` only where its per-pair copy of the expert weights fits in memory).
+  (``batched_mm`` only where its per-pair copy of the expert weights fits in memory);
+- ``moe_zoo_block[moe_zoo, MOE_ZOO_MKL=0]``: the same block with its CPU grouped GEMM (MKL's ``sgemm_batch``, see
+  ``moe_zoo.core.mkl_grouped``) switched off, i.e. a loop of ``torch.mm`` per expert: what that one call buys.
 
 The JSON holds medians of interleaved repeats, ratios to the floor computed within the run, and the bytes each
 variant keeps for its backward (the activation memory of a training step; CPU torch has no peak-memory counter).
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 from timing import (
+    WithEnvironment,
     add_machine_options,
     environment,
     interleaved_medians,
@@ -37,6 +40,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 import moe_zoo  # noqa: F401  (registers the "moe_zoo" experts implementation)
 from moe_zoo.core import GatedMLP, MoeOptions, SparseMoeBlock
+from moe_zoo.core.mkl_grouped import SWITCH as MKL_SWITCH
 
 BATCHED_MM_MAX_BYTES = 2 * 2**30
 OURS = "moe_zoo"
@@ -97,6 +101,7 @@ def run(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, r
         block = ours if implementation == OURS else moe_zoo_block(implementation, hidden, intermediate, experts, top_k)
         block.load_state_dict(ours.state_dict())
         variants[f"moe_zoo_block[{implementation}]"] = block
+    variants[f"moe_zoo_block[{OURS}, {MKL_SWITCH}=0]"] = WithEnvironment(ours, **{MKL_SWITCH: "0"})
 
     with torch.no_grad():
         expected = variants["transformers_qwen3_moe[eager]"](x)
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(args.output, report)
     for name, timing in report["results"].items():
         print(
-            f"{name:36s} fwd {timing['forward_ms']:8.2f} ms ({timing['forward_vs_dense_floor']:.2f}x floor)   "
+            f"{name:40s} fwd {timing['forward_ms']:8.2f} ms ({timing['forward_vs_dense_floor']:.2f}x floor)   "
             f"fwd+bwd {timing['forward_backward_ms']:8.2f} ms ({timing['forward_backward_vs_dense_floor']:.2f}x)   "
             f"saved {timing['saved_for_backward_mib']:7.1f} MiB ({timing['saved_for_backward_vs_dense_floor']:.2f}x)   "
             f"page faults {timing['page_faults']['forward_ms']}/{timing['page_faults']['forward_backward_ms']}"

@@ -19,9 +19,23 @@ try:
 except ImportError:  # not on Unix
     resource = None
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
+
+
+class WithEnvironment(nn.Module):
+    """``module`` run with environment variables set during its forward (the backward runs what the forward chose:
+    moe_zoo reads its switches when it routes): moe_zoo's experts with one of its kernels switched off."""
+
+    def __init__(self, module: nn.Module, **variables: str):
+        super().__init__()
+        self.module, self.variables = module, variables
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with mock.patch.dict(os.environ, self.variables):
+            return self.module(x)
 
 
 def forward_steps(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], None]]:

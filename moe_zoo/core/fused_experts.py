@@ -1,4 +1,4 @@
-"""moe_zoo's experts implementation: one sort, one matmul per expert and projection, a hand-written backward.
+"""moe_zoo's experts implementation: one sort, one grouped GEMM per projection, a hand-written backward.
 
 Registered in transformers' ``ExpertsInterface`` as ``"moe_zoo"`` (on ``import moe_zoo``) and the default of the
 moe_zoo models, so ``from_pretrained(..., experts_implementation="moe_zoo")`` also runs it on transformers' own
@@ -8,7 +8,8 @@ over experts with a mask each and ``index_add_``) and ``grouped_mm`` (autograd t
 
 - the pairs are sorted by expert once (:func:`~moe_zoo.core.routed_pairs.route_pairs`, which also handles empty
   slots: top-p / top-any padding, null experts and capacity-dropped tokens cost nothing, with no Python loop over
-  tokens); ``gate`` and ``up`` are one ``(E, 2I, H)`` matmul per expert (or one ``torch._grouped_mm`` on CUDA);
+  tokens); ``gate`` and ``up`` are one ``(E, 2I, H)`` grouped GEMM (one MKL ``sgemm_batch`` for fp32 on CPU, one
+  ``torch._grouped_mm`` or moe_zoo's Triton kernel on CUDA, else a matmul per expert);
 - :class:`~moe_zoo.core.gated_combine.GatedCombine` applies ``act(gate) * up`` and differentiates it in place;
 - the routing weights are applied inside the per-token sum (a gather and a ``(1, k) @ (k, H)`` product per token,
   no ``index_add_``, no per-token copy of any weight);

@@ -7,8 +7,9 @@ by expert with one sort (:func:`route_pairs`), so each expert's rows are contigu
 - :func:`expert_linear` runs ``weight[e] @ row`` for all pairs, and :func:`expert_outer` its weight gradient, with
   the first of these that runs for the device and dtype: moe_zoo's Triton kernels (on CUDA where Triton is
   installed, :mod:`~moe_zoo.core.triton_grouped`, which also read gathered rows in place), one
-  ``torch._grouped_mm`` (on CUDA), or a loop over the experts' row blocks (a handful of ``mm`` / in-place ``addmm_``,
-  never a loop over tokens);
+  ``torch._grouped_mm`` (on CUDA), one call to MKL's ``sgemm_batch`` (fp32 :func:`expert_linear` on CPU,
+  :mod:`~moe_zoo.core.mkl_grouped`), or a loop over the experts' row blocks (a handful of ``mm`` / in-place
+  ``addmm_``, never a loop over tokens);
 - :meth:`RoutedPairs.sum_per_token` puts per-pair rows back in token order with the routing weights by a gather and
   one batched ``(1, k) @ (k, D)`` product per token, never with ``index_add_`` (atomic on GPU; on CPU fast on one
   thread but slow with several);
@@ -30,6 +31,9 @@ from types import ModuleType
 import torch
 
 from .experts import ExpertGroups, group_by_expert
+from .mkl_grouped import SWITCH as MKL_SWITCH
+from .mkl_grouped import applies as mkl_applies
+from .mkl_grouped import grouped_linear as mkl_grouped_linear
 
 CPU_SCRATCH_BYTES = 8 * 2**20
 """Chunk size of the temporaries on CPU: small enough that the allocator reuses the memory (a fresh tensor of tens
@@ -43,8 +47,9 @@ class RoutedPairs(ExpertGroups):
     :func:`~moe_zoo.core.experts.group_by_expert`'s sort (``pairs``, ``tokens``, ``counts``, ``spans()``), plus:
     ``slot_pair[s]`` maps each slot back to its pair row (0 for an empty slot, whose ``slot_mask`` is 0), so a
     per-pair tensor is put back in token order by one gather; ``offsets`` (int32, cumulative counts) are what
-    ``torch._grouped_mm`` takes; ``grouped`` and ``triton`` say whether the matmuls may use ``torch._grouped_mm`` and
-    the Triton kernels (each only where it runs for the operands).
+    ``torch._grouped_mm`` takes; ``grouped``, ``triton`` and ``mkl`` say whether the matmuls may use
+    ``torch._grouped_mm``, the Triton kernels and MKL's ``sgemm_batch`` (each only where it runs for the operands),
+    chosen once in :func:`route_pairs` so that a backward runs what its forward ran.
     """
 
     num_tokens: int
@@ -55,6 +60,7 @@ class RoutedPairs(ExpertGroups):
     slot_mask: torch.Tensor
     grouped: bool
     triton: bool
+    mkl: bool
 
     @functools.cached_property
     def experts(self) -> torch.Tensor:
@@ -126,13 +132,19 @@ TRITON_SWITCH = "MOE_ZOO_TRITON"
 
 
 def route_pairs(
-    expert_indices: torch.Tensor, num_experts: int, grouped: bool | None = None, triton: bool | None = None
+    expert_indices: torch.Tensor,
+    num_experts: int,
+    grouped: bool | None = None,
+    triton: bool | None = None,
+    mkl: bool | None = None,
 ) -> RoutedPairs:
     """Sort the routed pairs of ``expert_indices (T, k)`` by expert (one sort, one host sync for the counts).
 
     ``grouped``: run the per-expert matmuls with ``torch._grouped_mm`` (None: on CUDA when it runs there).
     ``triton``: with moe_zoo's Triton kernels, before ``torch._grouped_mm`` (None: on CUDA when Triton is installed,
-    unless ``MOE_ZOO_TRITON=0``; True also on CPU tensors, which runs under ``TRITON_INTERPRET=1`` only)."""
+    unless ``MOE_ZOO_TRITON=0``; True also on CPU tensors, which runs under ``TRITON_INTERPRET=1`` only).
+    ``mkl``: fp32 :func:`expert_linear` on CPU through one MKL ``sgemm_batch`` (None: on CPU unless
+    ``MOE_ZOO_MKL=0``; it runs only where torch carries MKL, see :mod:`~moe_zoo.core.mkl_grouped`)."""
     num_tokens, top_k = expert_indices.shape
     groups = group_by_expert(expert_indices, num_experts)
     device = expert_indices.device
@@ -143,6 +155,8 @@ def route_pairs(
         grouped = device.type == "cuda"
     if triton is None:
         triton = device.type == "cuda" and os.environ.get(TRITON_SWITCH, "1") != "0"
+    if mkl is None:
+        mkl = device.type == "cpu" and os.environ.get(MKL_SWITCH, "1") != "0"
     return RoutedPairs(
         num_tokens=num_tokens,
         top_k=top_k,
@@ -155,6 +169,7 @@ def route_pairs(
         slot_mask=expert_indices < num_experts,
         grouped=grouped,
         triton=triton,
+        mkl=mkl,
     )
 
 
@@ -233,6 +248,8 @@ def expert_linear(
     if _use_grouped(routed, rows, mat_b) and rows.shape[0]:
         result = torch._grouped_mm(rows, mat_b, offs=routed.offsets)
         return result if out is None else out.add_(result.to(out.dtype))
+    if routed.mkl and mkl_applies(rows, weight, routed.counts, out):
+        return mkl_grouped_linear(rows, weight, routed.counts, out)
     if out is None:
         out = rows.new_empty(rows.shape[0], weight.shape[1])
         for expert, span in routed.spans():

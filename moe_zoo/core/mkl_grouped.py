@@ -1,0 +1,160 @@
+"""The grouped GEMM on CPU: every expert's fp32 ``rows @ weight[e]^T`` in one call to MKL's ``sgemm_batch``.
+
+Why: an expert's GEMM is short (a few hundred rows at training sizes), and on a CPU with few cores MKL splits a short
+GEMM across its threads less well than a long one. On the 2-core CI machine a loop of per-expert ``torch.mm`` ran
+10-25% below the rate of one GEMM over all the rows; ``sgemm_batch`` takes all the experts' GEMMs at once and spreads
+whole GEMMs over the threads, which closes most of that gap (``benchmarks/bench_moe_block.py``).
+
+torch's x86-64 wheels link MKL into ``libtorch_cpu`` and export its BLAS interface, so it is called there through
+:mod:`ctypes`: no build step and no new dependency, and MKL runs with torch's thread count
+(``torch.set_num_threads``). The ILP64 entry point ``sgemm_batch_64`` is used, so the integer width is stated, not
+guessed. Where it is missing (aarch64 and macOS wheels, builds on OpenBLAS), or the one-time probe against
+``torch.mm`` fails, :func:`works` is False (with a warning in the second case) and the caller keeps its loop.
+``MOE_ZOO_MKL=0`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SWITCH = "MOE_ZOO_MKL"
+"""Set to ``0`` to run the per-expert ``torch.mm`` loop on CPU instead of MKL's ``sgemm_batch`` (read when the pairs
+are routed, :func:`~moe_zoo.core.routed_pairs.route_pairs`)."""
+
+_NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
+
+
+@functools.cache
+def _sgemm_batch() -> ctypes._CFuncPtr | None:
+    """MKL's Fortran-interface ``sgemm_batch_64`` inside the loaded ``libtorch_cpu``, or None where it is not there."""
+    if not torch.backends.mkl.is_available():
+        return None
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        function = ctypes.CDLL(str(library)).sgemm_batch_64  # already loaded by torch: dlopen returns its handle
+    except (OSError, AttributeError):
+        return None
+    function.restype = None
+    return function
+
+
+def applies(rows: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], out: torch.Tensor | None = None) -> bool:
+    """Whether :func:`grouped_linear` runs for these operands: more than one expert has rows (one is a plain
+    ``mm``), the operands fit (:func:`supports`) and the probe passed here."""
+    return sum(1 for count in counts if count) > 1 and supports(rows, weight, out) and works()
+
+
+@functools.cache
+def works() -> bool:
+    """Whether ``sgemm_batch`` is there and agrees with ``torch.mm`` on a small problem (both weight layouts, an
+    empty expert, accumulation); probed once, and a wrong result warns and turns the path off."""
+    if _sgemm_batch() is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 1]
+    rows = torch.randn(sum(counts), 7, generator=generator)
+    weight = torch.randn(len(counts), 6, 7, generator=generator)
+    expected = torch.cat([block @ weight[e].t() for e, block in enumerate(rows.split(counts))])
+    good = True
+    for layout in (weight, weight.transpose(1, 2).contiguous().transpose(1, 2)):
+        accumulated = grouped_linear(rows, layout, counts, out=torch.zeros_like(expected))
+        good = good and torch.allclose(accumulated, expected, atol=1e-5)
+        good = good and torch.allclose(grouped_linear(rows, layout, counts), expected, atol=1e-5)
+    if not good:
+        warnings.warn(
+            "MKL's sgemm_batch in this torch build gives results that differ from torch.mm's; moe_zoo runs its "
+            "per-expert matmuls one by one instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return good
+
+
+def _blas_layout(matrix: torch.Tensor) -> tuple[int, int] | None:
+    """``(transpose flag, leading dimension)`` of a 2-D view as a row-major BLAS operand, None if neither of its
+    dimensions has unit stride (or its strides are not a valid leading dimension)."""
+    rows, cols = matrix.shape
+    if matrix.stride(1) == 1 and matrix.stride(0) >= max(1, cols):
+        return _NO_TRANSPOSE, matrix.stride(0)
+    if matrix.stride(0) == 1 and matrix.stride(1) >= max(1, rows):
+        return _TRANSPOSE, matrix.stride(1)
+    return None
+
+
+def supports(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether :func:`grouped_linear` takes these operands: fp32 CPU tensors whose matrices have a unit stride."""
+    tensors = (rows, weight) if out is None else (rows, weight, out)
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.compiler.is_compiling()  # no data pointers under a tracer
+        and _blas_layout(rows) is not None
+        and _blas_layout(weight[0].t()) is not None
+        and (out is None or _blas_layout(out) == (_NO_TRANSPOSE, out.stride(0)))
+    )
+
+
+def _array(values, dtype) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def grouped_linear(
+    rows: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[p] = weight[e_p] @ rows[p]`` for expert-sorted ``rows (P, in)`` (``counts[e]`` rows of expert ``e``,
+    in order) and ``weight (E, out, in)``, as ``(P, out)``; added to ``out`` in place when given. One
+    ``sgemm_batch`` call, one group per expert with rows. The caller checks :func:`applies`."""
+    num_rows, (_, n_out, n_in) = rows.shape[0], weight.shape
+    accumulate = out is not None
+    if out is None:
+        out = rows.new_empty(num_rows, n_out)
+    if (
+        out.shape != (num_rows, n_out)
+        or rows.shape[1] != n_in
+        or sum(counts) != num_rows
+        or len(counts) != weight.shape[0]
+    ):
+        raise ValueError(
+            f"grouped_linear: rows {tuple(rows.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)} and "
+            f"counts summing to {sum(counts)} over {len(counts)} experts do not fit together"
+        )
+    counts_array = _array(counts, np.int64)
+    experts = np.flatnonzero(counts_array)
+    if experts.size == 0:
+        return out if accumulate else out.zero_()
+    starts = (np.cumsum(counts_array) - counts_array)[experts]
+    sizes = counts_array[experts]
+    groups = experts.size
+    # Row-major C = A @ B is column-major C^T = B^T @ A^T: MKL's A is the weight, its B the rows.
+    weight_flag, weight_ld = _blas_layout(weight[0].t())
+    rows_flag, rows_ld = _blas_layout(rows)
+    size = rows.element_size()
+
+    def full(value, dtype=np.int64) -> np.ndarray:
+        return np.full(groups, value, dtype=dtype)
+
+    arguments = (
+        full(weight_flag, np.uint8),  # transa
+        full(rows_flag, np.uint8),  # transb
+        full(n_out),  # m
+        sizes,  # n
+        full(n_in),  # k
+        full(1.0, np.float32),  # alpha
+        weight.data_ptr() + experts * (weight.stride(0) * size),  # a
+        full(weight_ld),  # lda
+        rows.data_ptr() + starts * (rows.stride(0) * size),  # b
+        full(rows_ld),  # ldb
+        full(1.0 if accumulate else 0.0, np.float32),  # beta
+        out.data_ptr() + starts * (out.stride(0) * size),  # c
+        full(out.stride(0)),  # ldc
+        _array([groups], np.int64),  # group_count
+        full(1),  # group_size
+    )
+    _sgemm_batch()(*(array.ctypes.data_as(ctypes.c_void_p) for array in arguments))
+    return out
