@@ -3,8 +3,9 @@
 Both models share the vision tower, projector, attention and embeddings; the MoE has ``E`` experts of width ``I`` in
 every layer with top-``k`` routing (and its router loss), the dense model one FFN of width ``k * I``, so a token
 touches the same number of parameters in both. A step is forward, backward and an AdamW update on a batch of image
-conversations, timed round-robin with the MoE under each experts implementation. This machine is noisy: compare
-ratios from one run.
+conversations, timed round-robin with the MoE under each experts implementation, and once more with moe_zoo's CPU
+grouped GEMM in training too (``MOE_ZOO_MKL=always``; by default training loops over the experts with ``mm``). This
+machine is noisy: compare ratios from one run.
 
     python benchmarks/bench_training_step.py
     python benchmarks/bench_training_step.py --quick      # tiny sizes, one repeat: checks that it runs
@@ -13,7 +14,9 @@ ratios from one run.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 from bench_moe_block import OURS
@@ -21,6 +24,7 @@ from timing import add_machine_options, environment, interleaved_step_medians, r
 from transformers import CLIPVisionConfig, LlamaConfig
 
 import moe_zoo
+from moe_zoo.core.mkl_grouped import SWITCH as MKL_SWITCH
 
 IMAGE_TOKEN = 3
 
@@ -67,14 +71,16 @@ def _batch(batch: int, text_tokens: int) -> dict:
     return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(batch, 3, 64, 64, generator=generator)}
 
 
-def _step(model: torch.nn.Module, batch: dict):
+def _step(model: torch.nn.Module, batch: dict, environment: dict[str, str] | None = None):
+    """One training step of ``model`` on ``batch``, with ``environment`` variables set while it runs."""
     # fused: how the Trainer's default optimizer (``adamw_torch_fused``) runs AdamW
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step() -> None:
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with mock.patch.dict(os.environ, environment or {}):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -86,8 +92,11 @@ def run(
     models = {"dense_same_active_parameters": _model(hidden, intermediate, layers, experts, top_k, None)}
     for implementation in (OURS, "grouped_mm", "eager"):
         models[f"moe_llava[{implementation}]"] = _model(hidden, intermediate, layers, experts, top_k, implementation)
+    with_mkl = f"moe_llava[{OURS}, {MKL_SWITCH}=always]"  # moe_zoo's CPU grouped GEMM in training too
+    models[with_mkl] = _model(hidden, intermediate, layers, experts, top_k, OURS)
     counts = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    steps = {name: {"step_ms": _step(m, inputs)} for name, m in models.items()}
+    environments = {with_mkl: {MKL_SWITCH: "always"}}
+    steps = {name: {"step_ms": _step(m, inputs, environments.get(name))} for name, m in models.items()}
     results = interleaved_step_medians(steps, repeats, count_page_faults=True)
     floor = results["dense_same_active_parameters"]["step_ms"]
     for name, timing in results.items():
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(args.output, report)
     for name, timing in report["results"].items():
         print(
-            f"{name:32s} step {timing['step_ms']:9.2f} ms ({timing['vs_dense']:.2f}x dense)   "
+            f"{name:40s} step {timing['step_ms']:9.2f} ms ({timing['vs_dense']:.2f}x dense)   "
             f"{timing['parameters'] / 1e6:6.1f}M parameters   {timing['page_faults']['step_ms']} page faults"
         )
     return report

@@ -21,7 +21,7 @@ def test_moe_block_benchmark_writes_json(tmp_path):
     implementations = ("eager", "grouped_mm", "moe_zoo")
     expected = {"dense_floor", "moe_zoo_block[batched_mm]"}
     expected |= {f"transformers_qwen3_moe[{name}]" for name in implementations}
-    expected |= {f"moe_zoo_block[{name}]" for name in implementations} | {"moe_zoo_block[moe_zoo, MOE_ZOO_MKL=0]"}
+    expected |= {f"moe_zoo_block[{name}]" for name in implementations} | {"moe_zoo_block[moe_zoo, MOE_ZOO_MKL=always]"}
     assert set(report["results"]) == expected
     floor = report["results"]["dense_floor"]
     assert floor["forward_vs_dense_floor"] == 1.0 and floor["saved_for_backward_vs_dense_floor"] == 1.0

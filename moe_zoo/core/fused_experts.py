@@ -199,11 +199,13 @@ def moe_zoo_experts_forward(
     ``use_experts_implementation`` (see the module docstring)."""
     if not supports(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    routed = route_pairs(top_k_index, self.num_experts)  # any index >= num_experts is an empty slot
-    pair_weights = top_k_weights.reshape(-1)[routed.pairs]
     up, up_bias, down, down_bias = _expert_weights(self)
+    inputs = (hidden_states, top_k_weights, up, up_bias, down, down_bias)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    # any index >= num_experts is an empty slot
+    routed = route_pairs(top_k_index, self.num_experts, backward=differentiable)
+    pair_weights = top_k_weights.reshape(-1)[routed.pairs]
     tensors = (hidden_states, pair_weights, up, up_bias, down, down_bias)
-    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     spec = _Spec(_combine_of(self), differentiable, gradient_buffers(self))
     out = _ExpertsFunction.apply(spec, routed, *tensors)
     return out.to(hidden_states.dtype)

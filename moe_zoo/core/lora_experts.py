@@ -338,11 +338,11 @@ def lora_experts_ffn(
 
     Returns ``(T, out)``. Frozen weights and biases get gradients only if they require one.
     """
-    routed = route_pairs(expert_indices, num_experts, grouped)
-    pair_weights = routing_weights.reshape(-1)[routed.pairs]
     flat = [t for projection in (*inputs, output) for t in projection.tensors()]
     differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden_states, pair_weights, *flat)
+        t is not None and t.requires_grad for t in (hidden_states, routing_weights, *flat)
     )
+    routed = route_pairs(expert_indices, num_experts, grouped, backward=differentiable)
+    pair_weights = routing_weights.reshape(-1)[routed.pairs]
     spec = _Spec(len(inputs), combine, float(scaling), float(dropout), differentiable)
     return _LoraExpertsFunction.apply(spec, routed, hidden_states, pair_weights, *flat)

@@ -10,13 +10,15 @@ torch's x86-64 wheels link MKL into ``libtorch_cpu`` and export its BLAS interfa
 (``torch.set_num_threads``). The ILP64 entry point ``sgemm_batch_64`` is used, so the integer width is stated, not
 guessed. Where it is missing (aarch64 and macOS wheels, builds on OpenBLAS), or the one-time probe against
 ``torch.mm`` fails, :func:`works` is False (with a warning in the second case) and the caller keeps its loop.
-``MOE_ZOO_MKL=0`` turns the path off.
+By default it runs for passes without a backward (inference, generation); ``MOE_ZOO_MKL=always`` uses it in training
+too and ``MOE_ZOO_MKL=never`` nowhere (:func:`chosen` says why).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +27,28 @@ import numpy as np
 import torch
 
 SWITCH = "MOE_ZOO_MKL"
-"""Set to ``0`` to run the per-expert ``torch.mm`` loop on CPU instead of MKL's ``sgemm_batch`` (read when the pairs
-are routed, :func:`~moe_zoo.core.routed_pairs.route_pairs`)."""
+"""Where the CPU expert passes use MKL's ``sgemm_batch`` (read when the pairs are routed, so a backward runs what its
+forward chose): ``inference`` (default) for passes without a backward, ``always`` in training too, ``never`` (or
+``0``) nowhere: see :func:`chosen`."""
+CHOICES = ("inference", "always", "never", "1", "0")
+"""``1`` is ``always`` and ``0`` is ``never``."""
+
+
+def chosen(backward: bool) -> bool:
+    """Whether ``MOE_ZOO_MKL`` asks for the batched call in a pass that will (``backward``) or will not run a
+    backward.
+
+    Inference is the default because that is where it was measured faster without exception on the 2-core CI
+    machine: decoding one MoE layer 1.2-1.5x faster for T = 2..64, the block's forward 1.02-1.23x the dense floor
+    against 1.16-1.30x for the loop. In training the block alone gained (forward+backward 1.03-1.14x against
+    1.09-1.26x), but a whole MoE-LLaVA training step on 2 threads ran 0.06-0.17x slower with it in every run (the
+    two were equal on 1 thread, so it is an interplay of MKL's threads with the model's other parallel work, not yet
+    understood); ``always`` opts in."""
+    value = os.environ.get(SWITCH, "inference").strip().lower()
+    if value not in CHOICES:
+        raise ValueError(f"{SWITCH}={value!r} is not one of {', '.join(CHOICES)}")
+    return value in ("always", "1") or (value == "inference" and not backward)
+
 
 _NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
 

@@ -31,8 +31,8 @@ from types import ModuleType
 import torch
 
 from .experts import ExpertGroups, group_by_expert
-from .mkl_grouped import SWITCH as MKL_SWITCH
 from .mkl_grouped import applies as mkl_applies
+from .mkl_grouped import chosen as mkl_chosen
 from .mkl_grouped import grouped_linear as mkl_grouped_linear
 
 CPU_SCRATCH_BYTES = 8 * 2**20
@@ -137,14 +137,16 @@ def route_pairs(
     grouped: bool | None = None,
     triton: bool | None = None,
     mkl: bool | None = None,
+    backward: bool = True,
 ) -> RoutedPairs:
     """Sort the routed pairs of ``expert_indices (T, k)`` by expert (one sort, one host sync for the counts).
 
     ``grouped``: run the per-expert matmuls with ``torch._grouped_mm`` (None: on CUDA when it runs there).
     ``triton``: with moe_zoo's Triton kernels, before ``torch._grouped_mm`` (None: on CUDA when Triton is installed,
     unless ``MOE_ZOO_TRITON=0``; True also on CPU tensors, which runs under ``TRITON_INTERPRET=1`` only).
-    ``mkl``: fp32 :func:`expert_linear` on CPU through one MKL ``sgemm_batch`` (None: on CPU unless
-    ``MOE_ZOO_MKL=0``; it runs only where torch carries MKL, see :mod:`~moe_zoo.core.mkl_grouped`)."""
+    ``mkl``: fp32 :func:`expert_linear` on CPU through one MKL ``sgemm_batch`` (None: as ``MOE_ZOO_MKL`` says for
+    a pass with or without a ``backward`` on these pairs, see :func:`~moe_zoo.core.mkl_grouped.chosen`; it runs only
+    where torch carries MKL)."""
     num_tokens, top_k = expert_indices.shape
     groups = group_by_expert(expert_indices, num_experts)
     device = expert_indices.device
@@ -156,7 +158,7 @@ def route_pairs(
     if triton is None:
         triton = device.type == "cuda" and os.environ.get(TRITON_SWITCH, "1") != "0"
     if mkl is None:
-        mkl = device.type == "cpu" and os.environ.get(MKL_SWITCH, "1") != "0"
+        mkl = device.type == "cpu" and mkl_chosen(backward)
     return RoutedPairs(
         num_tokens=num_tokens,
         top_k=top_k,

@@ -2,6 +2,7 @@
 ``torch.mm`` for every operand layout the expert passes use, it is what the expert bank runs on an x86-64 torch
 with MKL (and ``MOE_ZOO_MKL=0`` turns it off), and a wrong result from the library turns it off with a warning."""
 
+import os
 import platform
 from unittest import mock
 
@@ -59,21 +60,34 @@ def test_grouped_linear_matches_the_loop(weight_layout, rows_layout):
 
 
 @needs_mkl
-def test_expert_linear_runs_one_batch_call_and_the_switch_turns_it_off():
-    """One ``sgemm_batch`` call for all experts; ``MOE_ZOO_MKL=0`` at routing time (so a backward runs what its
-    forward ran) or ``mkl=False`` keeps the loop, with the same result."""
+def test_expert_linear_runs_one_batch_call_where_the_switch_asks_for_it():
+    """One ``sgemm_batch`` call for all experts. ``MOE_ZOO_MKL`` is read when the pairs are routed (so a backward runs
+    what its forward ran): by default for passes without a backward, ``always`` in training too, ``never`` or
+    ``mkl=False`` nowhere; the loop gives the same result."""
     generator = torch.Generator().manual_seed(1)
     indices = torch.randint(0, 6, (50, 2), generator=generator)
-    routed = route_pairs(indices, 6)
-    rows = torch.randn(routed.num_pairs, 16, generator=generator)
+    rows = torch.randn(100, 16, generator=generator)
     weight = torch.randn(6, 20, 16, generator=generator)
-    with mock.patch.dict("os.environ", {mkl_grouped.SWITCH: "0"}):
-        switched_off = route_pairs(indices, 6)
-    assert routed.mkl and not switched_off.mkl and not route_pairs(indices, 6, mkl=False).mkl
+
+    def routed_with(value: str | None, backward: bool):
+        environment = {} if value is None else {mkl_grouped.SWITCH: value}
+        with mock.patch.dict("os.environ", environment):
+            if value is None:
+                os.environ.pop(mkl_grouped.SWITCH, None)
+            return route_pairs(indices, 6, backward=backward).mkl
+
+    assert routed_with(None, backward=False) and not routed_with(None, backward=True)
+    assert routed_with("always", backward=True) and routed_with("1", backward=True)
+    assert not routed_with("never", backward=False) and not routed_with("0", backward=False)
+    assert not route_pairs(indices, 6, mkl=False, backward=False).mkl
+    with mock.patch.dict("os.environ", {mkl_grouped.SWITCH: "sometimes"}):
+        with pytest.raises(ValueError, match="MOE_ZOO_MKL='sometimes' is not one of inference, always, never"):
+            route_pairs(indices, 6)
+    batched_pairs, looped_pairs = route_pairs(indices, 6, mkl=True), route_pairs(indices, 6, mkl=False)
     with mock.patch.object(mkl_grouped, "_sgemm_batch", wraps=mkl_grouped._sgemm_batch) as entry:
-        batched = expert_linear(rows, weight, routed)
+        batched = expert_linear(rows, weight, batched_pairs)
         assert entry.call_count == 1
-        looped = expert_linear(rows, weight, switched_off)
+        looped = expert_linear(rows, weight, looped_pairs)
         assert entry.call_count == 1  # nothing more went through MKL
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-5)
 
@@ -94,8 +108,9 @@ class BankConfig(PreTrainedConfig, MoeOptions):
     model_type = "moe_zoo_test_mkl_bank"
 
 
-def bank_outputs() -> dict[str, torch.Tensor]:
-    """Output and gradients of a gated fp32 bank (8 experts, top-2, one empty slot) on fixed inputs."""
+def bank_outputs(inference: bool = False) -> dict[str, torch.Tensor]:
+    """Output and gradients of a gated fp32 bank (8 experts, top-2, one empty slot) on fixed inputs (with
+    ``inference``, the output of a forward under ``no_grad``)."""
     config = BankConfig(num_experts=8)
     config._experts_implementation = IMPLEMENTATION_NAME
     bank = GatedExperts(config, 8, 24, 40, "silu")
@@ -107,6 +122,9 @@ def bank_outputs() -> dict[str, torch.Tensor]:
     indices = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(60)])
     indices[5, 1] = 8  # an empty slot
     weights = torch.rand(60, 2, generator=generator, requires_grad=True)
+    if inference:
+        with torch.no_grad():
+            return {"output": bank(x, indices, weights)}
     out = bank(x, indices, weights)
     out.backward(torch.randn(out.shape, generator=generator))
     grads = {f"grad_{name}": param.grad for name, param in bank.named_parameters()}
@@ -116,13 +134,17 @@ def bank_outputs() -> dict[str, torch.Tensor]:
 @needs_mkl
 def test_the_expert_bank_gives_the_same_output_and_gradients_with_and_without_mkl():
     """The whole bank's forward and backward (input, routing weights and both weight banks) with the batched GEMMs
-    against the same with ``MOE_ZOO_MKL=0``: the backward's ``W^T g`` products take the transposed views."""
+    (``MOE_ZOO_MKL=always``) against the loop (a training pass under the default): the backward's ``W^T g`` products
+    take the transposed views."""
     with mock.patch.object(mkl_grouped, "_sgemm_batch", wraps=mkl_grouped._sgemm_batch) as entry:
-        with_mkl = bank_outputs()
+        with mock.patch.dict("os.environ", {mkl_grouped.SWITCH: "always"}):
+            with_mkl = bank_outputs()
         assert entry.call_count == 4  # forward: up, down; backward: W_d^T g, W_u^T g
-        with mock.patch.dict("os.environ", {mkl_grouped.SWITCH: "0"}):
-            without = bank_outputs()
-        assert entry.call_count == 4
+        with mock.patch.dict("os.environ", {mkl_grouped.SWITCH: "inference"}):
+            without = bank_outputs()  # a training pass: the default keeps the loop
+            assert entry.call_count == 4
+            bank_outputs(inference=True)  # no backward: the default takes the batched call (up, down)
+            assert entry.call_count == 6
     for name, value in with_mkl.items():
         torch.testing.assert_close(value, without[name], atol=1e-5, rtol=1e-5, msg=name)
 
