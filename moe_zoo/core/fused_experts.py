@@ -8,7 +8,8 @@ over experts with a mask each and ``index_add_``) and ``grouped_mm`` (autograd t
 
 - the pairs are sorted by expert once (:func:`~moe_zoo.core.routed_pairs.route_pairs`, which also handles empty
   slots: top-p / top-any padding, null experts and capacity-dropped tokens cost nothing, with no Python loop over
-  tokens); ``gate`` and ``up`` are one ``(E, 2I, H)`` grouped GEMM (one MKL ``sgemm_batch`` for fp32 on CPU, one
+  tokens); ``gate`` and ``up`` are one ``(E, 2I, H)`` grouped GEMM (one MKL ``sgemm_batch`` for fp32 on CPU where
+  ``MOE_ZOO_MKL`` asks for it, by default without a backward; one
   ``torch._grouped_mm`` or moe_zoo's Triton kernel on CUDA, else a matmul per expert);
 - :class:`~moe_zoo.core.gated_combine.GatedCombine` applies ``act(gate) * up`` and differentiates it in place;
 - the routing weights are applied inside the per-token sum (a gather and a ``(1, k) @ (k, H)`` product per token,

@@ -39,9 +39,9 @@ def chosen(backward: bool) -> bool:
     backward.
 
     Inference is the default because that is where it was measured faster without exception on the 2-core CI
-    machine: decoding one MoE layer 1.2-1.5x faster for T = 2..64, the block's forward 1.02-1.23x the dense floor
+    machine: decoding one MoE layer 1.1-1.6x faster for T = 2..64, the block's forward 1.02-1.23x the dense floor
     against 1.16-1.30x for the loop. In training the block alone gained (forward+backward 1.03-1.14x against
-    1.09-1.26x), but a whole MoE-LLaVA training step on 2 threads ran 0.06-0.17x slower with it in every run (the
+    1.09-1.26x), but a whole MoE-LLaVA training step on 2 threads ran 0.05-0.17x slower with it in every run (the
     two were equal on 1 thread, so it is an interplay of MKL's threads with the model's other parallel work, not yet
     understood); ``always`` opts in."""
     value = os.environ.get(SWITCH, "inference").strip().lower()
