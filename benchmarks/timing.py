@@ -27,7 +27,7 @@ from torch import nn
 
 class WithEnvironment(nn.Module):
     """``module`` run with environment variables set during its forward (the backward runs what the forward chose:
-    moe_zoo reads its switches when it routes): moe_zoo's experts with one of its kernels switched off."""
+    moe_zoo reads its switches when it routes): moe_zoo's experts with one of its kernel switches set."""
 
     def __init__(self, module: nn.Module, **variables: str):
         super().__init__()

@@ -7,7 +7,7 @@ whole GEMMs over the threads, which closes most of that gap (``benchmarks/bench_
 
 torch's x86-64 wheels link MKL into ``libtorch_cpu`` and export its BLAS interface, so it is called there through
 :mod:`ctypes`: no build step and no new dependency, and MKL runs with torch's thread count
-(``torch.set_num_threads``). The ILP64 entry point ``sgemm_batch_64`` is used, so the integer width is stated, not
+(``torch.set_num_threads`` sets MKL's too; ``tests/core/test_mkl_grouped.py`` checks it). The ILP64 entry point ``sgemm_batch_64`` is used, so the integer width is stated, not
 guessed. Where it is missing (aarch64 and macOS wheels, builds on OpenBLAS), or the one-time probe against
 ``torch.mm`` fails, :func:`works` is False (with a warning in the second case) and the caller keeps its loop.
 By default it runs for passes without a backward (inference, generation); ``MOE_ZOO_MKL=always`` uses it in training
@@ -51,19 +51,30 @@ def chosen(backward: bool) -> bool:
 
 
 _NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
+_M, _N, _K, _A, _LDA, _B, _LDB, _C, _LDC, _GROUP_COUNT, _GROUP_SIZE = range(11)
+"""Rows of :func:`grouped_linear`'s integer argument buffer (pointers are integers too)."""
+_INTEGER_ROWS = 11
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded ``libtorch_cpu`` where this torch carries MKL (dlopen returns torch's own handle), else None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    except OSError:
+        return None
 
 
 @functools.cache
 def _sgemm_batch() -> ctypes._CFuncPtr | None:
-    """MKL's Fortran-interface ``sgemm_batch_64`` inside the loaded ``libtorch_cpu``, or None where it is not there."""
-    if not torch.backends.mkl.is_available():
-        return None
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    try:
-        function = ctypes.CDLL(str(library)).sgemm_batch_64  # already loaded by torch: dlopen returns its handle
-    except (OSError, AttributeError):
+    """MKL's Fortran-interface ``sgemm_batch_64`` inside :func:`_library`, or None where it is not there."""
+    function = getattr(_library(), "sgemm_batch_64", None)
+    if function is None:
         return None
     function.restype = None
+    function.argtypes = [ctypes.c_void_p] * 15  # every argument of the Fortran interface is an address
     return function
 
 
@@ -122,10 +133,6 @@ def supports(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
     )
 
 
-def _array(values, dtype) -> np.ndarray:
-    return np.ascontiguousarray(values, dtype=dtype)
-
-
 def grouped_linear(
     rows: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -146,37 +153,38 @@ def grouped_linear(
             f"grouped_linear: rows {tuple(rows.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)} and "
             f"counts summing to {sum(counts)} over {len(counts)} experts do not fit together"
         )
-    counts_array = _array(counts, np.int64)
+    counts_array = np.asarray(counts, dtype=np.int64)
     experts = np.flatnonzero(counts_array)
-    if experts.size == 0:
+    groups = experts.size
+    if groups == 0:
         return out if accumulate else out.zero_()
     starts = (np.cumsum(counts_array) - counts_array)[experts]
-    sizes = counts_array[experts]
-    groups = experts.size
     # Row-major C = A @ B is column-major C^T = B^T @ A^T: MKL's A is the weight, its B the rows.
     weight_flag, weight_ld = _blas_layout(weight[0].t())
     rows_flag, rows_ld = _blas_layout(rows)
     size = rows.element_size()
+    # Every per-group argument array is a row of one of three buffers, so building them costs three allocations
+    # and three address lookups (numpy's ``.ctypes`` is slow enough to matter when decoding a token).
+    integers = np.empty((_INTEGER_ROWS, groups), dtype=np.int64)
+    integers[_M], integers[_N], integers[_K] = n_out, counts_array[experts], n_in
+    integers[_A], integers[_LDA] = weight.data_ptr() + experts * (weight.stride(0) * size), weight_ld
+    integers[_B], integers[_LDB] = rows.data_ptr() + starts * (rows.stride(0) * size), rows_ld
+    integers[_C], integers[_LDC] = out.data_ptr() + starts * (out.stride(0) * size), out.stride(0)
+    integers[_GROUP_SIZE], integers[_GROUP_COUNT, 0] = 1, groups
+    flags = np.array([[weight_flag], [rows_flag]], dtype=np.uint8).repeat(groups, axis=1)
+    scalars = np.array([[1.0], [1.0 if accumulate else 0.0]], dtype=np.float32).repeat(groups, axis=1)
+    ints, chars, reals = (array.ctypes.data for array in (integers, flags, scalars))
 
-    def full(value, dtype=np.int64) -> np.ndarray:
-        return np.full(groups, value, dtype=dtype)
+    def row(base: int, array: np.ndarray, index: int) -> int:
+        return base + index * array.strides[0]
 
-    arguments = (
-        full(weight_flag, np.uint8),  # transa
-        full(rows_flag, np.uint8),  # transb
-        full(n_out),  # m
-        sizes,  # n
-        full(n_in),  # k
-        full(1.0, np.float32),  # alpha
-        weight.data_ptr() + experts * (weight.stride(0) * size),  # a
-        full(weight_ld),  # lda
-        rows.data_ptr() + starts * (rows.stride(0) * size),  # b
-        full(rows_ld),  # ldb
-        full(1.0 if accumulate else 0.0, np.float32),  # beta
-        out.data_ptr() + starts * (out.stride(0) * size),  # c
-        full(out.stride(0)),  # ldc
-        _array([groups], np.int64),  # group_count
-        full(1),  # group_size
+    _sgemm_batch()(
+        row(chars, flags, 0),  # transa
+        row(chars, flags, 1),  # transb
+        *(row(ints, integers, r) for r in (_M, _N, _K)),
+        row(reals, scalars, 0),  # alpha
+        *(row(ints, integers, r) for r in (_A, _LDA, _B, _LDB)),
+        row(reals, scalars, 1),  # beta
+        *(row(ints, integers, r) for r in (_C, _LDC, _GROUP_COUNT, _GROUP_SIZE)),
     )
-    _sgemm_batch()(*(array.ctypes.data_as(ctypes.c_void_p) for array in arguments))
     return out

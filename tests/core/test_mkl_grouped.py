@@ -20,13 +20,27 @@ HAS_MKL_BATCH = mkl_grouped.works()
 def test_the_mkl_path_exists_where_torch_carries_mkl():
     """On an x86-64 Linux torch built with MKL (CI's), the path must be found and pass its probe: a silent
     ``False`` here would leave every test below skipped and the CPU on the slower loop."""
-    if platform.system() == "Linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available():
-        assert HAS_MKL_BATCH
-    else:
-        assert not HAS_MKL_BATCH or torch.backends.mkl.is_available()
+    if not (platform.system() == "Linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available()):
+        pytest.skip("not an x86-64 Linux torch with MKL: the per-expert loop runs here")
+    assert HAS_MKL_BATCH
 
 
 needs_mkl = pytest.mark.skipif(not HAS_MKL_BATCH, reason="this torch build has no MKL sgemm_batch")
+
+
+@needs_mkl
+def test_mkl_runs_with_torchs_thread_count():
+    """The batched call splits its work over MKL's threads, which ``torch.set_num_threads`` sets (as the module
+    docstring says)."""
+    get_threads = mkl_grouped._library().mkl_get_max_threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert get_threads() == 1
+        torch.set_num_threads(2)
+        assert get_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def loop(rows, weight, counts):
